@@ -1,0 +1,1 @@
+"""Airflow wiring for the ml_loop stages: the training DAG factory and its task bodies."""

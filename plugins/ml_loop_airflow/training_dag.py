@@ -1,0 +1,254 @@
+"""Build the training DAG of one pipeline spec: ingest, validate, process, store, train,
+evaluate, register, deploy.
+
+Each task unpacks its context, calls one step from ``ml_loop.pipeline`` and returns the small
+reference that step produced. The stage modules, and torch, mlflow, pandas and Great
+Expectations with them, are imported inside the task bodies, so parsing a DAG file stays fast.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from airflow.sdk import DAG, Param, dag, task
+from airflow.sdk.exceptions import AirflowSkipException
+
+from ml_loop.spec import PipelineSpec, RunConfig, load_spec
+
+logger = logging.getLogger(__name__)
+
+SERVING_CONN_PREFIX = "model_server_"
+
+
+def build_params(spec: PipelineSpec) -> dict[str, Param]:
+    """Return the trigger form's typed params, with the spec's training section as defaults."""
+    defaults = spec.training
+    return {
+        "epochs": Param(
+            defaults.epochs,
+            type="integer",
+            minimum=1,
+            maximum=1000,
+            title="Epochs",
+            description="Passes over the training split.",
+        ),
+        "learning_rate": Param(
+            defaults.learning_rate,
+            type="number",
+            exclusiveMinimum=0,
+            maximum=1,
+            title="Learning rate",
+            description="Adam learning rate.",
+        ),
+        "batch_size": Param(
+            defaults.batch_size,
+            type="integer",
+            minimum=1,
+            maximum=65536,
+            title="Batch size",
+            description="Training samples per optimiser step.",
+        ),
+        "seed": Param(
+            defaults.seed,
+            type="integer",
+            minimum=0,
+            title="Seed",
+            description="Seed for weight initialisation and shuffling; logged with the run.",
+        ),
+        "training_window_days": Param(
+            defaults.training_window_days,
+            type="integer",
+            minimum=1,
+            maximum=366,
+            title="Training window (days)",
+            description="Validated daily partitions, ending at the run's date, to train on.",
+        ),
+        "force_promote": Param(
+            defaults.force_promote,
+            type="boolean",
+            title="Force promote",
+            description="Move the champion alias to the new version even if the gate fails.",
+        ),
+    }
+
+
+def _run_context(context: dict[str, Any]) -> tuple[PipelineSpec, RunConfig]:
+    spec = load_spec(context["params"]["spec"])
+    return spec, RunConfig.from_params(spec, context["params"])
+
+
+def _airflow_tags(context: dict[str, Any]) -> dict[str, str]:
+    return {
+        "airflow.dag_id": context["dag"].dag_id,
+        "airflow.run_id": context["run_id"],
+        "airflow.try_number": str(context["ti"].try_number),
+    }
+
+
+def _serving_url(spec: PipelineSpec) -> str:
+    from airflow.sdk import Connection
+
+    conn_id = f"{SERVING_CONN_PREFIX}{spec.name}"
+    conn = Connection.get(conn_id)
+    scheme = conn.schema or "http"
+    if not conn.host:
+        raise ValueError(
+            f"Airflow connection {conn_id!r} has no host; set it to the model server, for "
+            f"example AIRFLOW_CONN_{conn_id.upper()}=http://127.0.0.1:8000"
+        )
+    port = f":{conn.port}" if conn.port else ""
+    return f"{scheme}://{conn.host}{port}"
+
+
+def _data_root():
+    from ml_loop.files import data_root
+
+    return data_root()
+
+
+@task
+def ingest(**context: Any) -> dict[str, Any]:
+    """Copy the run's partition, and the earlier days of its window, into the raw area."""
+    from ml_loop.ingest import resolve_partition_date
+    from ml_loop.pipeline import ingest_step
+
+    spec, config = _run_context(context)
+    run_date = resolve_partition_date(context.get("logical_date"), context["dag_run"].run_after)
+    logger.info(
+        "ingesting %s for %s, window %d days, spec digest %s",
+        spec.name,
+        run_date,
+        config.training_window_days,
+        spec.digest(),
+    )
+    return ingest_step(spec, run_date, config, _data_root())
+
+
+@task
+def validate(ingested: dict[str, Any], **context: Any) -> dict[str, Any]:
+    """Run the spec's expectations; quarantine bad records and stop on a bad batch."""
+    from ml_loop.pipeline import validate_step
+
+    spec, _ = _run_context(context)
+    return validate_step(spec, ingested, _data_root())
+
+
+@task
+def process(validated: dict[str, Any], **context: Any) -> dict[str, Any]:
+    """Clean, split by record id and fit normalisation on the training split."""
+    from ml_loop.pipeline import process_step
+
+    spec, _ = _run_context(context)
+    return process_step(spec, validated, _data_root())
+
+
+@task
+def store(processed: dict[str, Any], validated: dict[str, Any], **context: Any) -> dict[str, Any]:
+    """Write the content-addressed training snapshot of the window."""
+    from ml_loop.pipeline import store_step
+
+    spec, _ = _run_context(context)
+    return store_step(spec, processed, validated, _data_root())
+
+
+@task
+def train(snapshot: dict[str, Any], **context: Any) -> dict[str, Any]:
+    """Train on the snapshot with the run's params; retries resume from the last checkpoint."""
+    from ml_loop.pipeline import train_step
+
+    spec, config = _run_context(context)
+    return train_step(spec, snapshot, config, _data_root(), run_tags=_airflow_tags(context))
+
+
+@task
+def evaluate(snapshot: dict[str, Any], trained: dict[str, Any], **context: Any) -> dict[str, Any]:
+    """Score candidate and champion on the same test split and decide the gate."""
+    from ml_loop.pipeline import evaluate_step
+
+    spec, _ = _run_context(context)
+    evaluation = evaluate_step(spec, snapshot, trained)
+    for reason in evaluation["reasons"]:
+        logger.info("gate: %s", reason)
+    return evaluation
+
+
+@task
+def register(
+    snapshot: dict[str, Any],
+    trained: dict[str, Any],
+    evaluation: dict[str, Any],
+    **context: Any,
+) -> dict[str, Any]:
+    """Register the model version and move the aliases; skip deploy when the gate failed."""
+    from ml_loop.pipeline import register_step
+
+    spec, config = _run_context(context)
+    registration = register_step(
+        spec, snapshot, trained, evaluation, config, tags=_airflow_tags(context)
+    )
+    if not registration["promoted"]:
+        context["ti"].xcom_push(key="registration", value=registration)
+        raise AirflowSkipException(
+            f"skipped by gate: version {registration['version']} of {spec.model_name} stays "
+            f"challenger and the champion is unchanged; {' '.join(evaluation['reasons'])}"
+        )
+    return registration
+
+
+@task
+def deploy(
+    registration: dict[str, Any],
+    evaluation: dict[str, Any],
+    snapshot: dict[str, Any],
+    **context: Any,
+) -> dict[str, Any]:
+    """Make the model server serve the new champion and smoke-test it; roll back on failure."""
+    from ml_loop.pipeline import deploy_step
+
+    spec, _ = _run_context(context)
+    return deploy_step(spec, registration, evaluation, snapshot, _serving_url(spec))
+
+
+def build_training_dag(spec_name: str, dag_id: str, doc_md: str | None) -> DAG:
+    """Build the daily training DAG for the spec ``spec_name``."""
+    spec = load_spec(spec_name)
+    params: dict[str, Any] = {
+        "spec": Param(
+            spec_name,
+            type="string",
+            enum=[spec_name],
+            title="Pipeline spec",
+            description="The spec this DAG was built from (fixed).",
+        ),
+        **build_params(spec),
+    }
+
+    @dag(
+        dag_id=dag_id,
+        description=spec.description,
+        doc_md=doc_md,
+        schedule=spec.schedule,
+        start_date=dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
+        catchup=False,
+        max_active_runs=1,
+        tags=["ml_loop", "training", spec.name, spec.dataset.kind],
+        params=params,
+        default_args={
+            "retries": 2,
+            "retry_delay": dt.timedelta(seconds=15),
+            "execution_timeout": dt.timedelta(hours=2),
+        },
+    )
+    def training_dag() -> None:
+        ingested = ingest()
+        validated = validate(ingested)
+        processed = process(validated)
+        snapshot = store(processed, validated)
+        trained = train(snapshot)
+        evaluation = evaluate(snapshot, trained)
+        registration = register(snapshot, trained, evaluation)
+        deploy(registration, evaluation, snapshot)
+
+    return training_dag()
