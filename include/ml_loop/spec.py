@@ -159,7 +159,7 @@ class RunConfig:
         """Raise SpecError when a value is out of its allowed range."""
         rules = [
             ("epochs", self.epochs >= 1, "an integer of at least 1"),
-            ("learning_rate", 0 < self.learning_rate < 1, "a number between 0 and 1"),
+            ("learning_rate", 0 < self.learning_rate <= 1, "a number above 0 and at most 1"),
             ("batch_size", 1 <= self.batch_size <= 65536, "an integer from 1 to 65536"),
             ("training_window_days", self.training_window_days >= 1, "an integer of at least 1"),
         ]
