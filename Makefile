@@ -1,0 +1,69 @@
+# Entry points of the project. Only Python 3.11 and make are assumed: run, test, bench and lint
+# create .venv and install the pinned requirements into it on first use.
+#
+#   make run            start the local stack, train once, keep it up until Ctrl-C
+#   make run ONCE=1     the same, then stop and exit 0 only if the training run succeeded
+#   make test           pytest over tests/ (pass options with PYTEST_ARGS="-m 'not e2e' -x")
+#   make bench          benchmarks/run.py
+#   make lint           ruff format --check and ruff check
+#   make constraints    re-freeze constraints.txt from a clean install of requirements.txt
+#   make clean          delete the state folder .stack (stop the stack first)
+
+PYTHON ?= python3.11
+VENV := .venv
+VENV_PYTHON := $(VENV)/bin/python
+# Touched after a successful install; make reinstalls only when the requirements or the
+# constraints are newer than it.
+INSTALLED := $(VENV)/.requirements-installed
+PYTHONPATH_DIRS := include:plugins
+PYTEST_ARGS ?=
+RUN_ARGS := $(if $(filter 1 true yes,$(ONCE)),--once)
+
+.PHONY: run test bench lint constraints clean
+
+$(VENV_PYTHON):
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): requirements.txt constraints.txt | $(VENV_PYTHON)
+	$(VENV_PYTHON) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(VENV_PYTHON) -m pip check
+	touch $@
+
+run: $(INSTALLED)
+	PYTHONPATH=$(PYTHONPATH_DIRS) $(VENV_PYTHON) -m local_stack run $(RUN_ARGS)
+
+# make turns every non-zero exit of pytest into its own exit code 2, so the recipe names the
+# case of no collected tests (pytest's exit code 5) that would otherwise read like a crash.
+test: $(INSTALLED)
+	@status=0; $(VENV_PYTHON) -m pytest $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests (exit code 5)" >&2; fi; \
+	exit $$status
+
+bench: $(INSTALLED)
+	PYTHONPATH=$(PYTHONPATH_DIRS) $(VENV_PYTHON) benchmarks/run.py
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+# A fresh virtual environment in a temporary folder, so packages installed by hand do not end up
+# in the file. The two upper bounds only steer pip's resolver: without them it backtracks for
+# minutes through cadwyn releases that need a newer fastapi than Airflow 3.3 allows.
+constraints:
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	printf 'cadwyn<7.1\nfastapi<0.137\n' > "$$tmp/resolver-hints.txt"; \
+	"$$tmp/venv/bin/python" -m pip install -r requirements.txt -c "$$tmp/resolver-hints.txt"; \
+	"$$tmp/venv/bin/python" -m pip check; \
+	{ echo '# Frozen from a clean install of requirements.txt with Python 3.11 (pip freeze).'; \
+	  echo '# Regenerate with: make constraints'; \
+	  "$$tmp/venv/bin/python" -m pip freeze; } > "$$tmp/constraints.txt"; \
+	mv "$$tmp/constraints.txt" constraints.txt
+
+# Refuses while a live launcher holds the state folder, because its services write there.
+clean:
+	@if [ -s .stack/stack.lock ] && kill -0 "$$(cat .stack/stack.lock)" 2>/dev/null; then \
+		echo "the local stack is running (pid $$(cat .stack/stack.lock)); stop it first" >&2; \
+		exit 1; \
+	fi
+	rm -rf .stack

@@ -1,0 +1,67 @@
+"""Command line of the local stack: ``python -m local_stack run [--once]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from local_stack.config import StackConfig, StackConfigError
+from local_stack.main_job import run_main_job
+from local_stack.stack import LocalStack
+from local_stack.supervisor import StackError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m local_stack",
+        description=(
+            "Run Airflow, MLflow and the model servers on 127.0.0.1 with all state in "
+            "ML_LOOP_STATE_DIR (default .stack). Service logs go to <state>/logs/."
+        ),
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run",
+        help="start the stack, land the data, train the digits model once and report",
+        description=(
+            "Start the stack, land the data, run the DAG train_digits through the scheduler and "
+            "print the URLs, the login, the champion model and a curl for a prediction. "
+            "Everything stays up until Ctrl-C."
+        ),
+    )
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="stop everything after the run; exit 0 only if the run succeeded",
+    )
+    run.add_argument(
+        "--dags-folder",
+        type=Path,
+        default=None,
+        help="folder of DAG files to load instead of the repository's dags/",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        config = StackConfig.from_env(REPO_ROOT, dags_folder=args.dags_folder)
+        stack = LocalStack(config)
+    except (StackConfigError, StackError) as err:
+        logging.getLogger("local_stack").error("%s", err)
+        return 2
+    try:
+        return run_main_job(stack, once=args.once)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
