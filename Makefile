@@ -5,6 +5,8 @@
 #   make run ONCE=1     the same, then stop and exit 0 only if the training run succeeded
 #   make test           pytest over tests/ (pass options with PYTEST_ARGS="-m 'not e2e' -x")
 #   make bench          benchmarks/run.py
+#   make airflow CMD="backfill create --dag-id train_digits ..."
+#                       the airflow CLI against the local stack's database and secrets
 #   make lint           ruff format --check and ruff check
 #   make constraints    re-freeze constraints.txt from a clean install of requirements.txt
 #   make clean          delete the state folder .stack (stop the stack first)
@@ -19,7 +21,7 @@ PYTHONPATH_DIRS := include:plugins
 PYTEST_ARGS ?=
 RUN_ARGS := $(if $(filter 1 true yes,$(ONCE)),--once)
 
-.PHONY: run test bench lint constraints clean
+.PHONY: run test bench airflow lint constraints clean
 
 $(VENV_PYTHON):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +41,9 @@ test: $(INSTALLED)
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests (exit code 5)" >&2; fi; \
 	exit $$status
 
+airflow: $(INSTALLED)
+	PYTHONPATH=$(PYTHONPATH_DIRS) $(VENV_PYTHON) -m local_stack airflow $(CMD)
+
 bench: $(INSTALLED)
 	PYTHONPATH=$(PYTHONPATH_DIRS) $(VENV_PYTHON) benchmarks/run.py
 
@@ -47,7 +52,8 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 
 # A fresh virtual environment in a temporary folder, so packages installed by hand do not end up
-# in the file. The two upper bounds only steer pip's resolver: without them it backtracks for
+# in the file. The local "+cpu" label of a CPU torch build is dropped, so that the same file
+# gives the CUDA build on a GPU machine. The two upper bounds only steer pip's resolver: without them it backtracks for
 # minutes through cadwyn releases that need a newer fastapi than Airflow 3.3 allows.
 constraints:
 	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
@@ -57,7 +63,8 @@ constraints:
 	"$$tmp/venv/bin/python" -m pip check; \
 	{ echo '# Frozen from a clean install of requirements.txt with Python 3.11 (pip freeze).'; \
 	  echo '# Regenerate with: make constraints'; \
-	  "$$tmp/venv/bin/python" -m pip freeze; } > "$$tmp/constraints.txt"; \
+	  "$$tmp/venv/bin/python" -m pip freeze | sed -E 's/^(torch==[0-9.]+)\+cpu$$/\1/'; \
+	} > "$$tmp/constraints.txt"; \
 	mv "$$tmp/constraints.txt" constraints.txt
 
 # Refuses while a live launcher holds the state folder, because its services write there.

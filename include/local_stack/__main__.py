@@ -1,9 +1,12 @@
-"""Command line of the local stack: ``python -m local_stack run [--once]``."""
+"""Command line of the local stack: ``python -m local_stack run [--once]`` and
+``python -m local_stack airflow ARGS...``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="folder of DAG files to load instead of the repository's dags/",
     )
+    airflow = commands.add_parser(
+        "airflow",
+        help="run the airflow CLI against this stack's home, database and secrets",
+        description=(
+            "Run `airflow ARGS...` with the environment of the stack's services, for example "
+            "`python -m local_stack airflow backfill create --dag-id train_digits ...`. The "
+            "stack must have been started once, so that its database and secrets exist."
+        ),
+    )
+    airflow.add_argument("airflow_args", nargs=argparse.REMAINDER, help="arguments for airflow")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
@@ -51,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.command == "airflow":
+        return run_airflow_cli(args.airflow_args)
     try:
         config = StackConfig.from_env(REPO_ROOT, dags_folder=args.dags_folder)
         stack = LocalStack(config)
@@ -61,6 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         return run_main_job(stack, once=args.once)
     except KeyboardInterrupt:
         return 130
+
+
+def run_airflow_cli(airflow_args: list[str]) -> int:
+    """Run the airflow CLI with the stack's environment; return its exit code."""
+    try:
+        env = StackConfig.from_env(REPO_ROOT).env
+    except StackConfigError as err:
+        logging.getLogger("local_stack").error("%s", err)
+        return 2
+    airflow = os.path.join(os.path.dirname(sys.executable), "airflow")
+    return subprocess.run([airflow, *airflow_args], env=env, check=False).returncode
 
 
 if __name__ == "__main__":
