@@ -1,0 +1,241 @@
+"""The digits pipeline end to end on the real stack: Airflow's scheduler and API server, the MLflow
+server and the model server, all started by the test on free ports of 127.0.0.1.
+
+Two consecutive days run through the scheduler, then a backfill reruns the completed second day.
+The scheduler's own cron runs are switched off (``use_job_schedule``) so that only the runs the
+test creates exist.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from local_stack.client import AirflowApiError
+from local_stack.config import StackConfig
+from local_stack.stack import LocalStack
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DAG_ID = "train_digits"
+MODEL_NAME = "digits-cnn"
+DAY_2 = dt.datetime.now(dt.UTC).date()
+DAY_1 = DAY_2 - dt.timedelta(days=1)
+# Enough epochs to clear the gate's 0.9 floor on four to five days of digits, and few enough to
+# keep each run short.
+RUN_CONF = {"epochs": 5, "learning_rate": 0.0015}
+RUN_TIMEOUT_S = 900
+
+
+def midnight(day: dt.date) -> dt.datetime:
+    return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+
+
+def free_port_pair() -> int:
+    """Return a port P such that P and P + 1 are both free on 127.0.0.1."""
+    for _ in range(100):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no two consecutive free ports found on 127.0.0.1")
+
+
+def stack_environ() -> dict[str, str]:
+    """The test process's environment with every stack port moved to a free one."""
+    names = ("AIRFLOW", "MLFLOW", "WORKER_LOG", "TRIGGERER_LOG", "SERVING")
+    return {
+        **os.environ,
+        **{f"ML_LOOP_{name}_PORT": str(free_port_pair()) for name in names},
+        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    config = StackConfig.from_env(
+        REPO_ROOT, state_dir=tmp_path_factory.mktemp("stack"), environ=stack_environ()
+    )
+    with LocalStack(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def mlflow_client(stack: LocalStack) -> MlflowClient:
+    return MlflowClient(tracking_uri=stack.config.mlflow_url)
+
+
+@pytest.fixture(scope="module")
+def landed(stack: LocalStack) -> Path:
+    """Five landed days of digits ending at DAY_2, so both runs see a full window."""
+    from ml_loop.landing import land_days
+    from ml_loop.spec import load_spec
+
+    land_days(load_spec("digits"), DAY_2, days=5, root=stack.config.data_dir)
+    return stack.config.data_dir
+
+
+@pytest.fixture(scope="module")
+def two_runs(stack: LocalStack, landed: Path) -> dict[dt.date, str]:
+    """Run DAY_1, then DAY_2, through the scheduler; return the run id of each day."""
+    client = stack.client
+    client.wait_for_dag(DAG_ID, timeout_s=180)
+    client.unpause(DAG_ID)
+    run_ids = {}
+    for day in (DAY_1, DAY_2):
+        run_ids[day] = client.trigger(DAG_ID, logical_date=midnight(day), conf=RUN_CONF)
+        state = client.wait_for_run(DAG_ID, run_ids[day], timeout_s=RUN_TIMEOUT_S)
+        assert state == "success", f"run for {day} ended {state}"
+    return run_ids
+
+
+def snapshot_versions(data_dir: Path) -> list[str]:
+    folder = data_dir / "snapshots" / "digits"
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def raw_copies(data_dir: Path) -> list[str]:
+    folder = data_dir / "raw" / "digits"
+    return sorted(str(p.relative_to(folder)) for p in folder.glob("*/*") if p.is_dir())
+
+
+def model_versions(client: MlflowClient) -> list:
+    return client.search_model_versions(f"name='{MODEL_NAME}'")
+
+
+def test_each_day_writes_its_own_dataset_version(stack: LocalStack, two_runs: dict) -> None:
+    snapshots = [stack.client.xcom(DAG_ID, run_id, "store") for run_id in two_runs.values()]
+    assert snapshots[0]["version_id"] != snapshots[1]["version_id"]
+    assert snapshot_versions(stack.config.data_dir) == sorted(s["version_id"] for s in snapshots)
+    assert snapshots[1]["parent_version"] == snapshots[0]["version_id"]
+
+
+def test_each_run_registers_one_version(
+    stack: LocalStack, two_runs: dict, mlflow_client: MlflowClient
+) -> None:
+    trained_run_ids = {
+        stack.client.xcom(DAG_ID, run_id, "train")["run_id"] for run_id in two_runs.values()
+    }
+    versions = model_versions(mlflow_client)
+    assert len(versions) == 2
+    assert {version.run_id for version in versions} == trained_run_ids
+
+
+def test_champion_is_last_gated_version(
+    stack: LocalStack, two_runs: dict, mlflow_client: MlflowClient
+) -> None:
+    registrations = [stack.client.xcom(DAG_ID, run_id, "register") for run_id in two_runs.values()]
+    promoted = [r["version"] for r in registrations if r["promoted"]]
+    assert promoted, "neither run passed the gate"
+    champion = mlflow_client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert champion.version == promoted[-1]
+    assert champion.tags["ml_loop.gate"] in {"passed", "forced"}
+    if len(promoted) == 2:
+        previous = mlflow_client.get_model_version_by_alias(MODEL_NAME, "previous")
+        assert previous.version == promoted[0]
+
+
+def test_run_params_keep_their_types(
+    stack: LocalStack, two_runs: dict, mlflow_client: MlflowClient
+) -> None:
+    trained = stack.client.xcom(DAG_ID, two_runs[DAY_2], "train")
+    params = mlflow_client.get_run(trained["run_id"]).data.params
+    assert params["epochs"] == "5"
+    assert params["learning_rate"] == "0.0015"
+
+
+def test_model_server_matches_offline_prediction(stack: LocalStack, two_runs: dict) -> None:
+    from ml_loop.registry import load_model
+    from ml_loop.store import load_snapshot
+
+    snapshot = stack.client.xcom(DAG_ID, two_runs[DAY_2], "store")
+    arrays, _ = load_snapshot(snapshot["uri"])
+    test_rows = np.flatnonzero(arrays["split"] == 2)[:8]
+    images = arrays["x"][test_rows]
+    model, config, version = load_model(
+        MODEL_NAME, "champion", tracking_uri=stack.config.mlflow_url
+    )
+    import torch
+
+    with torch.no_grad():
+        offline = model(torch.from_numpy(images)).argmax(dim=1).tolist()
+    response = httpx.post(
+        f"{stack.config.serving_url('digits')}/invocations",
+        json={"inputs": images.tolist()},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_version"] == version.version
+    assert body["predictions"] == [config["classes"][index] for index in offline]
+
+
+def test_wrong_param_type_is_rejected_before_any_task(stack: LocalStack, two_runs: dict) -> None:
+    runs_before = len(stack.client.list_runs(DAG_ID))
+    with pytest.raises(AirflowApiError) as raised:
+        stack.client.trigger(DAG_ID, conf={"epochs": "twenty"})
+    assert raised.value.status == 400
+    assert "epochs" in str(raised.value)
+    assert len(stack.client.list_runs(DAG_ID)) == runs_before
+
+
+def test_backfill_rerun_adds_no_duplicates(
+    stack: LocalStack, two_runs: dict, mlflow_client: MlflowClient
+) -> None:
+    data_dir = stack.config.data_dir
+    snapshots_before = snapshot_versions(data_dir)
+    raw_before = raw_copies(data_dir)
+    versions_before = sorted(v.version for v in model_versions(mlflow_client))
+    finished_before = stack.client.get_run(DAG_ID, two_runs[DAY_2])["end_date"]
+
+    stack.airflow_cli(
+        "backfill",
+        "create",
+        "--dag-id",
+        DAG_ID,
+        "--from-date",
+        DAY_2.isoformat(),
+        "--to-date",
+        DAY_2.isoformat(),
+        "--reprocess-behavior",
+        "completed",
+        "--max-active-runs",
+        "1",
+    )
+    rerun = wait_for_rerun(stack, midnight(DAY_2), finished_before)
+
+    assert rerun["state"] == "success"
+    assert snapshot_versions(data_dir) == snapshots_before
+    assert raw_copies(data_dir) == raw_before
+    assert sorted(v.version for v in model_versions(mlflow_client)) == versions_before
+
+
+def wait_for_rerun(stack: LocalStack, logical_date: dt.datetime, finished_before: str) -> dict:
+    """Wait until the run of ``logical_date`` has finished again after ``finished_before``."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    last_seen = None
+    while time.monotonic() < deadline:
+        for run in stack.client.list_runs(DAG_ID):
+            if run.get("logical_date") and dt.datetime.fromisoformat(run["logical_date"]) == (
+                logical_date
+            ):
+                last_seen = run
+                ended = run.get("end_date")
+                if run["state"] in {"success", "failed"} and ended and ended > finished_before:
+                    return run
+        time.sleep(3)
+    pytest.fail(f"the backfill rerun of {logical_date} did not finish; last seen: {last_seen}")
