@@ -4,40 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
-    """Poll ``url`` until it answers 200; fail with the log tail if the process dies or stalls."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    tail = log_path.read_text(errors="replace")[-4000:] if log_path.exists() else ""
-    pytest.fail(f"server behind {url} did not become ready in {timeout_s:.0f} s; log tail:\n{tail}")
+from servers import free_port, wait_for_http
 
 
 @pytest.fixture(scope="session")

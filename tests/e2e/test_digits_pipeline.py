@@ -9,8 +9,6 @@ test creates exist.
 from __future__ import annotations
 
 import datetime as dt
-import os
-import socket
 import time
 from pathlib import Path
 
@@ -22,10 +20,10 @@ from mlflow.tracking import MlflowClient
 from local_stack.client import AirflowApiError
 from local_stack.config import StackConfig
 from local_stack.stack import LocalStack
+from servers import REPO_ROOT, stack_environ
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DAG_ID = "train_digits"
 MODEL_NAME = "digits-cnn"
 DAY_2 = dt.datetime.now(dt.UTC).date()
@@ -40,35 +38,12 @@ def midnight(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
 
 
-def free_port_pair() -> int:
-    """Return a port P such that P and P + 1 are both free on 127.0.0.1."""
-    for _ in range(100):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no two consecutive free ports found on 127.0.0.1")
-
-
-def stack_environ() -> dict[str, str]:
-    """The test process's environment with every stack port moved to a free one."""
-    names = ("AIRFLOW", "MLFLOW", "WORKER_LOG", "TRIGGERER_LOG", "SERVING")
-    return {
-        **os.environ,
-        **{f"ML_LOOP_{name}_PORT": str(free_port_pair()) for name in names},
-        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-    }
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     config = StackConfig.from_env(
-        REPO_ROOT, state_dir=tmp_path_factory.mktemp("stack"), environ=stack_environ()
+        REPO_ROOT,
+        state_dir=tmp_path_factory.mktemp("stack"),
+        environ=stack_environ(AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False"),
     )
     with LocalStack(config) as running:
         yield running

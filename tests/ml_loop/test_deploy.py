@@ -17,9 +17,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import REPO_ROOT, free_port, wait_for_http
 from ml_loop import deploy, models, registry
 from ml_loop.errors import DeployError
+from servers import REPO_ROOT, free_port, wait_for_http
 
 CONFIG = models.model_config(
     "mlp", {"hidden_units": [8]}, [4], ["a", "b", "c"], [1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 2.0, 2.0]

@@ -181,6 +181,9 @@ def test_register_logged_model_uri(model_name: str, tmp_path: Path) -> None:
     import mlflow
 
     train_result, model = log_weights_run(tmp_path)
+    # Other tests leave a different active experiment in this process's MLflow state.
+    run = MlflowClient().get_run(train_result["run_id"])
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
     with mlflow.start_run(run_id=train_result["run_id"]):
         info = mlflow.pytorch.log_model(
             model,

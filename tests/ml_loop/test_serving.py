@@ -21,8 +21,8 @@ import torch
 import uvicorn
 from mlflow import MlflowClient
 
-from conftest import REPO_ROOT, free_port, wait_for_http
 from ml_loop import models, registry, serving
+from servers import REPO_ROOT, free_port, wait_for_http
 
 TABULAR_CONFIG = models.model_config(
     "mlp", {"hidden_units": [8]}, [4], ["a", "b", "c"], [1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 2.0, 2.0]
