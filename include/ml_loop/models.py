@@ -127,9 +127,13 @@ def model_config(
     classes: Sequence[str],
     mean: Sequence[float],
     std: Sequence[float],
+    feature_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Return the JSON config that ``build_model`` turns back into a model."""
-    return {
+    """Return the JSON config that ``build_model`` turns back into a model.
+
+    ``feature_names`` (tabular models) lets the model server match request columns by name.
+    """
+    config = {
         "family": family,
         "hyperparameters": dict(hyperparameters),
         "input_shape": [int(dim) for dim in input_shape],
@@ -137,6 +141,9 @@ def model_config(
         "mean": [float(value) for value in mean],
         "std": [float(value) for value in std],
     }
+    if feature_names:
+        config["feature_names"] = [str(name) for name in feature_names]
+    return config
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:

@@ -259,9 +259,8 @@ def _column_order(columns: Any, field: str, contract: InputContract) -> list[int
                 f"{missing}, unknown {unknown}; expected the columns {list(contract.feature_names)}"
             )
         return [columns.index(name) for name in contract.feature_names]
-    # NOTE: model.json stores no feature names, so columns are taken in the order the request
-    # gives them and only their count is checked. A config with "feature_names" enables matching
-    # by name.
+    # A config without "feature_names" (an image model, or weights saved without them) has no
+    # names to match, so columns are taken in the order the request gives them.
     if len(columns) != num_features:
         raise PayloadError(
             f"{field} names {len(columns)} columns; expected {num_features} for "

@@ -366,6 +366,7 @@ class _Trainer:
             classes=spec.dataset.classes,
             mean=snapshot.manifest["stats"]["mean"],
             std=snapshot.manifest["stats"]["std"],
+            feature_names=spec.dataset.feature_names or None,
         )
         self.model = models.build_model(self.model_config).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)

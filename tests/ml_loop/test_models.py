@@ -149,3 +149,18 @@ def test_load_run_model_untagged_run(mlflow_tracking) -> None:
     assert models.WEIGHTS_SHA_TAG not in MlflowClient().get_run(run.info.run_id).data.tags
     with pytest.raises(models.ModelIntegrityError, match=r"no ml_loop\.weights_sha256 tag"):
         models.load_run_model(run.info.run_id, None)
+
+
+def test_config_keeps_feature_names() -> None:
+    config = models.model_config(
+        "mlp", {"hidden_units": [4]}, (2,), ["a", "b"], [0.0, 0.0], [1.0, 1.0], ["x1", "x2"]
+    )
+    assert config["feature_names"] == ["x1", "x2"]
+    assert models.build_model(config)(torch.zeros(3, 2)).shape == (3, 2)
+
+
+def test_config_without_feature_names() -> None:
+    config = models.model_config(
+        "mlp", {"hidden_units": [4]}, (2,), ["a", "b"], [0.0] * 2, [1.0] * 2
+    )
+    assert "feature_names" not in config
