@@ -47,7 +47,7 @@ def stack_environ(**overrides: str) -> dict[str, str]:
 
 
 def wait_for_http(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
-    """Poll ``url`` until it answers 200; fail with the log tail if the process dies or stalls."""
+    """Poll ``url`` until it returns 200; fail with the log tail if the process dies or stalls."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

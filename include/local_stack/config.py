@@ -79,6 +79,9 @@ MODEL_SERVER_PREFIX = "model-server-"
 SERVING_PORT_ORDER = ("digits", "breast_cancer")
 
 
+SQLITE_BUSY_TIMEOUT_S = 30
+
+
 class StackConfigError(ValueError):
     """An invalid setting of the local stack, such as a port that is not a number."""
 
@@ -329,7 +332,12 @@ class StackConfig:
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.password_file),
             # Task processes reach the Execution API through this URL, so it must follow the port.
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api_url}/execution/",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.airflow_home / 'airflow.db'}",
+            # SQLite allows one writer at a time. The scheduler, the API server and a CLI call
+            # such as `backfill create` write at once, so each waits up to 30 s for the lock
+            # instead of failing with "database is locked" after the default 5 s.
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": (
+                f"sqlite:///{self.airflow_home / 'airflow.db'}?timeout={SQLITE_BUSY_TIMEOUT_S}"
+            ),
             "AIRFLOW__API__HOST": HOST,
             "AIRFLOW__API__PORT": str(self.airflow_port),
             "AIRFLOW__API__BASE_URL": api_url,

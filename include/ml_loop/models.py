@@ -1,8 +1,8 @@
 """Model classes, and saving and loading their weights without unpickling code.
 
-Every model takes raw features (images scaled to [0, 1] with shape ``(n, 1, H, W)``, tabular rows
-with shape ``(n, F)``) and applies the normalisation fitted with its dataset version in its first
-layer, so the trainer, the evaluator and the model server feed it the same inputs.
+Every model takes raw features: images scaled to [0, 1] with shape ``(n, 1, H, W)``, or tabular
+rows with shape ``(n, F)``. Its first layer applies the normalisation fitted with its dataset
+version, so the trainer, the evaluator and the model server all feed it the same inputs.
 
 Weights travel as a ``state_dict`` file plus a JSON config. Loading builds the model from the
 project's own classes and reads the weights with ``torch.load(weights_only=True)`` after checking

@@ -92,14 +92,14 @@ def model_versions(client: MlflowClient) -> list:
     return client.search_model_versions(f"name='{MODEL_NAME}'")
 
 
-def test_each_day_writes_its_own_dataset_version(stack: LocalStack, two_runs: dict) -> None:
+def test_each_day_new_dataset_version(stack: LocalStack, two_runs: dict) -> None:
     snapshots = [stack.client.xcom(DAG_ID, run_id, "store") for run_id in two_runs.values()]
     assert snapshots[0]["version_id"] != snapshots[1]["version_id"]
     assert snapshot_versions(stack.config.data_dir) == sorted(s["version_id"] for s in snapshots)
     assert snapshots[1]["parent_version"] == snapshots[0]["version_id"]
 
 
-def test_each_run_registers_one_version(
+def test_each_run_one_model_version(
     stack: LocalStack, two_runs: dict, mlflow_client: MlflowClient
 ) -> None:
     trained_run_ids = {
@@ -110,7 +110,7 @@ def test_each_run_registers_one_version(
     assert {version.run_id for version in versions} == trained_run_ids
 
 
-def test_champion_is_last_gated_version(
+def test_champion_on_last_gated_version(
     stack: LocalStack, two_runs: dict, mlflow_client: MlflowClient
 ) -> None:
     registrations = [stack.client.xcom(DAG_ID, run_id, "register") for run_id in two_runs.values()]
@@ -124,7 +124,7 @@ def test_champion_is_last_gated_version(
         assert previous.version == promoted[0]
 
 
-def test_run_params_keep_their_types(
+def test_run_params_keep_types(
     stack: LocalStack, two_runs: dict, mlflow_client: MlflowClient
 ) -> None:
     trained = stack.client.xcom(DAG_ID, two_runs[DAY_2], "train")
@@ -133,7 +133,7 @@ def test_run_params_keep_their_types(
     assert params["learning_rate"] == "0.0015"
 
 
-def test_model_server_matches_offline_prediction(stack: LocalStack, two_runs: dict) -> None:
+def test_served_prediction_matches_offline(stack: LocalStack, two_runs: dict) -> None:
     from ml_loop.registry import load_model
     from ml_loop.store import load_snapshot
 
@@ -159,7 +159,7 @@ def test_model_server_matches_offline_prediction(stack: LocalStack, two_runs: di
     assert body["predictions"] == [config["classes"][index] for index in offline]
 
 
-def test_wrong_param_type_is_rejected_before_any_task(stack: LocalStack, two_runs: dict) -> None:
+def test_wrong_param_type_rejected(stack: LocalStack, two_runs: dict) -> None:
     runs_before = len(stack.client.list_runs(DAG_ID))
     with pytest.raises(AirflowApiError) as raised:
         stack.client.trigger(DAG_ID, conf={"epochs": "twenty"})
@@ -168,7 +168,7 @@ def test_wrong_param_type_is_rejected_before_any_task(stack: LocalStack, two_run
     assert len(stack.client.list_runs(DAG_ID)) == runs_before
 
 
-def test_backfill_rerun_adds_no_duplicates(
+def test_backfill_rerun_adds_nothing(
     stack: LocalStack, two_runs: dict, mlflow_client: MlflowClient
 ) -> None:
     data_dir = stack.config.data_dir
@@ -214,3 +214,26 @@ def wait_for_rerun(stack: LocalStack, logical_date: dt.datetime, finished_before
                     return run
         time.sleep(3)
     pytest.fail(f"the backfill rerun of {logical_date} did not finish; last seen: {last_seen}")
+
+
+def test_failed_gate_skips_and_keeps_champion(
+    stack: LocalStack, two_runs: dict, mlflow_client: MlflowClient
+) -> None:
+    champion_before = mlflow_client.get_model_version_by_alias(MODEL_NAME, "champion").version
+    # One epoch at a tiny learning rate leaves the model far below the 0.9 accuracy floor.
+    run_id = stack.client.trigger(DAG_ID, conf={"epochs": 1, "learning_rate": 1e-6})
+
+    state = stack.client.wait_for_run(DAG_ID, run_id, timeout_s=RUN_TIMEOUT_S)
+
+    assert state == "success"
+    task_states = {ti["task_id"]: ti["state"] for ti in stack.client.task_instances(DAG_ID, run_id)}
+    assert task_states["evaluate"] == "success"
+    assert task_states["register"] == "skipped"
+    assert task_states["deploy"] == "skipped"
+    registration = stack.client.xcom(DAG_ID, run_id, "register", key="registration")
+    assert registration["promoted"] is False
+    challenger = mlflow_client.get_model_version_by_alias(MODEL_NAME, "challenger")
+    assert challenger.version == registration["version"]
+    assert challenger.tags["ml_loop.gate"] == "failed"
+    champion = mlflow_client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert champion.version == champion_before
