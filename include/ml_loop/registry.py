@@ -104,7 +104,8 @@ def register_candidate(
     """Register the trained run as a version of ``model_name``, tag it and move the aliases.
 
     A retry or rerun for the same run id finds the version made the first time and returns it,
-    with its tags and aliases set again, instead of creating a second version. The version is
+    with its gate tags and aliases set again, instead of creating a second version; the ``tags``
+    given when the version was created are kept. The version is
     promoted to ``champion`` when ``evaluation["passed"]`` is true or ``force_promote`` is set;
     the champion it replaces becomes ``previous``.
 
@@ -125,6 +126,7 @@ def register_candidate(
         if _error_code(err) != "RESOURCE_ALREADY_EXISTS":
             raise
 
+    provenance = {key: str(value) for key, value in (tags or {}).items() if value is not None}
     version = _find_version(client, model_name, run_id)
     if version is None:
         version = _create_version(client, model_name, run_id, train_result, weights_sha)
@@ -132,6 +134,10 @@ def register_candidate(
         logger.info(
             "run %s is already registered as %s version %s; reusing it", run_id, model_name, version
         )
+        # The tags of the registration that created the version (its Airflow run, its snapshot)
+        # stay; a rerun adds only tags the version does not have yet.
+        existing = client.get_model_version(model_name, version).tags
+        provenance = {key: value for key, value in provenance.items() if key not in existing}
 
     promote = passed or force_promote
     forced = force_promote and not passed
@@ -145,7 +151,7 @@ def register_candidate(
         WEIGHTS_SHA_TAG: weights_sha,
         GATE_TAG: gate,
         **_gate_tags(evaluation),
-        **{key: str(value) for key, value in (tags or {}).items() if value is not None},
+        **provenance,
     }
     for key, value in version_tags.items():
         client.set_model_version_tag(model_name, version, key, value)

@@ -101,6 +101,20 @@ def test_register_twice_one_version(model_name: str, tmp_path: Path) -> None:
     assert second.aliases == ["challenger", "champion"]
 
 
+def test_rerun_keeps_creation_tags(model_name: str, tmp_path: Path) -> None:
+    train_result, _ = log_weights_run(tmp_path)
+    first_tags = {"airflow.run_id": "scheduled__2026-12-03", "ml_loop.snapshot_version": "v1"}
+    registry.register_candidate(model_name, train_result, evaluation(True), tags=first_tags)
+
+    rerun_tags = {"airflow.run_id": "manual__2026-12-04", "airflow.try_number": "2"}
+    reg = registry.register_candidate(model_name, train_result, evaluation(True), tags=rerun_tags)
+
+    tags = MlflowClient().get_model_version(model_name, reg.version).tags
+    assert tags["airflow.run_id"] == "scheduled__2026-12-03"
+    assert tags["ml_loop.snapshot_version"] == "v1"
+    assert tags["airflow.try_number"] == "2"
+
+
 def test_register_passing_moves_champion(model_name: str, tmp_path: Path) -> None:
     first_run, _ = log_weights_run(tmp_path, seed=1)
     second_run, _ = log_weights_run(tmp_path, seed=2)
