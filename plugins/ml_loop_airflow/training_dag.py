@@ -79,6 +79,21 @@ def _run_context(context: dict[str, Any]) -> tuple[PipelineSpec, RunConfig]:
     return spec, RunConfig.from_params(spec, context["params"])
 
 
+def _check_conf_keys(context: dict[str, Any]) -> None:
+    """Raise on run conf keys that are not params, such as a misspelled ``epoch``.
+
+    Airflow passes unknown conf keys through to the tasks, where they would be ignored.
+    """
+    conf = context["dag_run"].conf or {}
+    declared = sorted(context["dag"].params)
+    unknown = sorted(set(conf) - set(declared))
+    if unknown:
+        raise ValueError(
+            f"unknown run param {', '.join(map(repr, unknown))} in the run conf; the params of "
+            f"{context['dag'].dag_id} are {', '.join(declared)}; fix the name and trigger again"
+        )
+
+
 def _airflow_tags(context: dict[str, Any]) -> dict[str, str]:
     return {
         "airflow.dag_id": context["dag"].dag_id,
@@ -114,6 +129,7 @@ def ingest(**context: Any) -> dict[str, Any]:
     from ml_loop.ingest import resolve_partition_date
     from ml_loop.pipeline import ingest_step
 
+    _check_conf_keys(context)
     spec, config = _run_context(context)
     run_date = resolve_partition_date(context.get("logical_date"), context["dag_run"].run_after)
     logger.info(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from airflow.sdk.definitions.param import ParamsDict
 from airflow.sdk.exceptions import ParamValidationError
 
 from ml_loop.spec import RunConfig, load_spec
-from ml_loop_airflow.training_dag import _serving_url, build_params
+from ml_loop_airflow.training_dag import _check_conf_keys, _serving_url, build_params
 
 
 @pytest.fixture
@@ -59,3 +61,19 @@ def test_serving_url_missing_connection(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("AIRFLOW_CONN_MODEL_SERVER_DIGITS", raising=False)
     with pytest.raises(Exception, match="model_server_digits"):
         _serving_url(load_spec("digits"))
+
+
+def _context(conf: dict) -> dict:
+    from ml_loop_airflow.training_dag import build_training_dag
+
+    dag = build_training_dag("digits", dag_id="train_digits", doc_md=None)
+    return {"dag": dag, "dag_run": SimpleNamespace(conf=conf), "params": {**dag.params, **conf}}
+
+
+def test_conf_with_known_params_accepted() -> None:
+    _check_conf_keys(_context({"epochs": 3, "learning_rate": 0.01}))
+
+
+def test_conf_with_misspelled_param_rejected() -> None:
+    with pytest.raises(ValueError, match=r"unknown run param 'epoch'.*epochs"):
+        _check_conf_keys(_context({"epoch": 3}))
