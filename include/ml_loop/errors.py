@@ -23,3 +23,7 @@ class TrainingError(MlLoopError):
 
 class DeployError(MlLoopError):
     """The model server did not serve the new champion correctly; the alias was rolled back."""
+
+
+class InvalidReferenceError(MlLoopError, ValueError):
+    """A dict passed between stages lacks keys of the reference it stands for."""

@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_s
 
 from ml_loop import models, registry
 from ml_loop.errors import MlLoopError
+from ml_loop.refs import StageRef
 from ml_loop.spec import GateSpec, PipelineSpec
 from ml_loop.train import SPLIT_TEST, Snapshot, TrainResult
 
@@ -44,13 +45,15 @@ _TIE_TOLERANCE = 1e-9
 
 
 @dataclasses.dataclass(frozen=True)
-class Evaluation:
+class Evaluation(StageRef):
     """The gate decision with the scores behind it, passed to the register and deploy steps.
 
     ``candidate`` and ``champion`` are score dicts ``{accuracy, macro_f1, per_class_recall}``.
     ``smoke_samples`` are test-split ids with the candidate's predicted label, for comparing the
     model server's predictions after deployment.
     """
+
+    producer: ClassVar[str] = "ml_loop.evaluate.evaluate_candidate"
 
     candidate: dict[str, Any]
     champion: dict[str, Any] | None
@@ -59,13 +62,6 @@ class Evaluation:
     reasons: list[str]
     smoke_samples: list[dict[str, str]]
     confusion_uri: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Evaluation:
-        return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls)})
 
 
 def classification_scores(

@@ -22,7 +22,7 @@ import os
 import shutil
 import stat
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import ClassVar
 
 from ml_loop.errors import DataValidationError, PartitionNotFoundError, SpecError
 from ml_loop.files import data_root, remove_stale_staging, sha256_file, sha256_tree, staged_dir
@@ -31,6 +31,7 @@ from ml_loop.landing import (
     as_partition_date,
     landing_partition_dir,
 )
+from ml_loop.refs import StageRef
 from ml_loop.spec import PipelineSpec
 
 logger = logging.getLogger(__name__)
@@ -40,11 +41,13 @@ READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 
 
 @dataclasses.dataclass(frozen=True)
-class PartitionRef:
+class PartitionRef(StageRef):
     """One ingested partition in the raw area.
 
     ``file_count`` and ``bytes`` count the data files, without ``_manifest.json``.
     """
+
+    producer: ClassVar[str] = "ml_loop.ingest.ingest_partition"
 
     dataset: str
     partition_date: str
@@ -52,20 +55,6 @@ class PartitionRef:
     file_count: int
     bytes: int
     content_hash: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PartitionRef:
-        names = [field.name for field in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in data]
-        if missing:
-            raise ValueError(
-                f"invalid partition reference {data!r}: missing keys {missing}; pass the dict "
-                "that ml_loop.ingest returned"
-            )
-        return cls(**{name: data[name] for name in names})
 
 
 def resolve_partition_date(logical_date: dt.datetime | None, run_after: dt.datetime) -> dt.date:

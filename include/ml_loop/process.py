@@ -23,12 +23,13 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
 from ml_loop.errors import DataValidationError
 from ml_loop.files import data_root, remove_stale_staging, staged_dir, write_json_atomic
+from ml_loop.refs import StageRef
 from ml_loop.spec import PipelineSpec, SplitSpec
 
 if TYPE_CHECKING:
@@ -54,8 +55,10 @@ VALIDATED_KEYS = ("dataset", "partition_date", "raw_hash", "table_uri", "rows", 
 
 
 @dataclasses.dataclass(frozen=True)
-class ProcessedRef:
+class ProcessedRef(StageRef):
     """The processed arrays of one window, with row counts per split and per class."""
+
+    producer: ClassVar[str] = "ml_loop.process.process_window"
 
     dataset: str
     processed_uri: str
@@ -63,20 +66,6 @@ class ProcessedRef:
     split_counts: dict[str, int]
     class_counts: dict[str, int]
     content_hash: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ProcessedRef:
-        names = [field.name for field in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in data]
-        if missing:
-            raise ValueError(
-                f"invalid processed reference {dict(data)!r}: missing keys {missing}; pass the "
-                "dict that ml_loop.process returned"
-            )
-        return cls(**{name: data[name] for name in names})
 
 
 def split_for_id(record_id: str, split_spec: SplitSpec) -> Split:

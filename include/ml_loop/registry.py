@@ -21,9 +21,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ml_loop.errors import MlLoopError
+from ml_loop.refs import StageRef
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -50,7 +52,7 @@ ROLLED_BACK_TAG = "ml_loop.rolled_back"
 
 
 @dataclasses.dataclass(frozen=True)
-class Registration:
+class Registration(StageRef):
     """Outcome of registering one training run: its version and where the aliases point now."""
 
     model_name: str
@@ -61,25 +63,19 @@ class Registration:
     previous_version: str | None
     aliases: list[str]
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    producer: ClassVar[str] = "ml_loop.registry.register_candidate"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Registration:
-        """Build a Registration from ``to_dict`` output, as passed between tasks by XCom."""
-        names = [field.name for field in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in data]
-        if missing:
-            raise MlLoopError(
-                f"registration {data!r} is missing {missing}; pass the dict returned by "
-                "ml_loop.registry.register_candidate"
-            )
-        values = {name: data[name] for name in names}
-        values["version"] = str(values["version"])
-        if values["previous_version"] is not None:
-            values["previous_version"] = str(values["previous_version"])
-        values["aliases"] = list(values["aliases"])
-        return cls(**values)
+    def from_dict(cls, data: Mapping[str, Any]) -> Registration:
+        """Build a Registration from ``to_dict`` output, with versions as strings."""
+        registration = super().from_dict(data)
+        previous = registration.previous_version
+        return dataclasses.replace(
+            registration,
+            version=str(registration.version),
+            previous_version=None if previous is None else str(previous),
+            aliases=list(registration.aliases),
+        )
 
 
 def _client(tracking_uri: str | None) -> MlflowClient:

@@ -24,7 +24,7 @@ import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -46,6 +46,7 @@ from ml_loop.process import (
     content_digest,
     load_processed,
 )
+from ml_loop.refs import StageRef
 from ml_loop.spec import PipelineSpec
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,10 @@ VERSION_ID_LENGTH = 16
 
 
 @dataclasses.dataclass(frozen=True)
-class SnapshotRef:
+class SnapshotRef(StageRef):
     """One stored dataset version: its id, folder, manifest and parent version."""
+
+    producer: ClassVar[str] = "ml_loop.store.store_snapshot"
 
     dataset: str
     version_id: str
@@ -65,20 +68,6 @@ class SnapshotRef:
     manifest_uri: str
     rows: int
     parent_version: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SnapshotRef:
-        names = [field.name for field in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in data]
-        if missing:
-            raise ValueError(
-                f"invalid snapshot reference {dict(data)!r}: missing keys {missing}; pass the "
-                "dict that ml_loop.store returned"
-            )
-        return cls(**{name: data[name] for name in names})
 
 
 def snapshot_schema(spec: PipelineSpec, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:

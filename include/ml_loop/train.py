@@ -35,7 +35,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 import mlflow
@@ -49,6 +49,7 @@ from ml_loop import models
 from ml_loop.errors import MlLoopError, TrainingError
 from ml_loop.files import TMP_PREFIX, data_root, write_json_atomic
 from ml_loop.process import SPLIT_CODES
+from ml_loop.refs import StageRef
 from ml_loop.spec import PipelineSpec, RunConfig, load_spec
 from ml_loop.store import MANIFEST_FILE, load_snapshot
 
@@ -79,8 +80,10 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainResult:
+class TrainResult(StageRef):
     """Reference to a finished training run, passed to the evaluate and register steps."""
+
+    producer: ClassVar[str] = "ml_loop.train.train_model"
 
     run_id: str
     experiment_id: str
@@ -90,13 +93,6 @@ class TrainResult:
     resumed_from_epoch: int
     weights_sha256: str
     device: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainResult:
-        return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,10 +49,11 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ml_loop import files
 from ml_loop.errors import DataValidationError
+from ml_loop.refs import StageRef
 from ml_loop.spec import PipelineSpec
 
 if TYPE_CHECKING:
@@ -113,8 +114,10 @@ _REPORT_ROW_LIMIT = 500
 
 
 @dataclasses.dataclass(frozen=True)
-class ValidatedRef:
+class ValidatedRef(StageRef):
     """Reference to a validated partition, passed downstream by XCom."""
+
+    producer: ClassVar[str] = "ml_loop.validate.validate_partition"
 
     dataset: str
     partition_date: str
@@ -125,17 +128,6 @@ class ValidatedRef:
     report_uri: str
     results_uri: str
     content_hash: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ValidatedRef:
-        names = {field.name for field in dataclasses.fields(cls)}
-        missing = sorted(names - data.keys())
-        if missing:
-            raise ValueError(f"invalid ValidatedRef {data!r}: missing keys {missing}")
-        return cls(**{name: data[name] for name in names})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -319,7 +319,7 @@ def test_registration_round_trip() -> None:
 
 
 def test_registration_missing_key() -> None:
-    with pytest.raises(MlLoopError, match=r"missing \['promoted'"):
+    with pytest.raises(MlLoopError, match=r"missing keys \['promoted'"):
         registry.Registration.from_dict({"model_name": "m", "version": "1", "run_id": "r"})
 
 
