@@ -122,6 +122,10 @@ def evaluate_candidate(
     champion_version, champion, self_compared = _score_champion(
         client, spec.model_name, candidate_run.run_id, candidate, features, y_test, classes
     )
+    champion_window_end = None
+    if champion_version is not None and not self_compared:
+        champion_tags = client.get_model_version(spec.model_name, champion_version).tags
+        champion_window_end = champion_tags.get(registry.DATA_WINDOW_END_TAG)
     passed, reasons = decide_gate(
         spec.gate,
         candidate,
@@ -129,6 +133,8 @@ def evaluate_candidate(
         champion_version,
         model_name=spec.model_name,
         self_compared=self_compared,
+        candidate_window_end=snapshot.manifest.get("window", {}).get("end"),
+        champion_window_end=champion_window_end,
     )
     absent = [label for label, recall in candidate["per_class_recall"].items() if recall is None]
     if absent:
@@ -176,8 +182,15 @@ def decide_gate(
     *,
     model_name: str,
     self_compared: bool = False,
+    candidate_window_end: str | None = None,
+    champion_window_end: str | None = None,
 ) -> tuple[bool, list[str]]:
-    """Apply the accuracy floor and the allowed regression; return (passed, reasons)."""
+    """Apply the accuracy floor, the allowed regression and data freshness.
+
+    Returns (passed, reasons). A candidate whose training data ends before the champion's (a
+    backfill of an earlier day) fails, so a backfill never replaces a model trained on newer
+    data unless the run forces promotion. The window ends are ISO dates.
+    """
     accuracy = candidate["accuracy"]
     reasons = []
     meets_floor = accuracy + _TIE_TOLERANCE >= gate.min_accuracy
@@ -205,7 +218,21 @@ def decide_gate(
             f"{champion_version} accuracy {champion['accuracy']:.4f} minus the allowed regression "
             f"{gate.max_regression:.4f} (gate.max_regression)."
         )
-    return meets_floor and within_regression, reasons
+    fresh_enough = True
+    if champion is not None and not self_compared and candidate_window_end and champion_window_end:
+        fresh_enough = candidate_window_end >= champion_window_end
+        if fresh_enough:
+            reasons.append(
+                f"Candidate data ends on {candidate_window_end}, not before the champion's "
+                f"{champion_window_end}."
+            )
+        else:
+            reasons.append(
+                f"Candidate data ends on {candidate_window_end}, before the champion's "
+                f"{champion_window_end}, so it does not replace a champion trained on newer data "
+                "(trigger with force_promote to override)."
+            )
+    return meets_floor and within_regression and fresh_enough, reasons
 
 
 def _score_champion(

@@ -9,6 +9,7 @@ orchestration-free baseline.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 from pathlib import Path
@@ -77,9 +78,14 @@ def register_step(
     config: RunConfig,
     tags: dict[str, str] | None = None,
 ) -> Ref:
-    from ml_loop.registry import register_candidate
+    from ml_loop.registry import DATA_WINDOW_END_TAG, register_candidate
 
-    version_tags = {"ml_loop.snapshot_version": snapshot["version_id"], **(tags or {})}
+    manifest = json.loads(Path(snapshot["manifest_uri"]).read_text())
+    version_tags = {
+        "ml_loop.snapshot_version": snapshot["version_id"],
+        DATA_WINDOW_END_TAG: manifest["window"]["end"],
+        **(tags or {}),
+    }
     registration = register_candidate(
         spec.model_name,
         trained,

@@ -49,6 +49,9 @@ CHAMPION_ACCURACY_TAG = "ml_loop.champion_accuracy"
 CHAMPION_VERSION_TAG = "ml_loop.champion_version"
 REPLACED_VERSION_TAG = "ml_loop.replaced_version"
 ROLLED_BACK_TAG = "ml_loop.rolled_back"
+# Last partition date of the snapshot a version was trained on; the gate keeps a champion
+# trained on newer data.
+DATA_WINDOW_END_TAG = "ml_loop.data_window_end"
 
 
 @dataclasses.dataclass(frozen=True)

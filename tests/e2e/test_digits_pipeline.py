@@ -119,6 +119,7 @@ def test_champion_on_last_gated_version(
     champion = mlflow_client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert champion.version == promoted[-1]
     assert champion.tags["ml_loop.gate"] in {"passed", "forced"}
+    assert champion.tags["ml_loop.data_window_end"] == DAY_2.isoformat()
     if len(promoted) == 2:
         previous = mlflow_client.get_model_version_by_alias(MODEL_NAME, "previous")
         assert previous.version == promoted[0]
@@ -177,26 +178,48 @@ def test_backfill_rerun_adds_nothing(
     versions_before = sorted(v.version for v in model_versions(mlflow_client))
     finished_before = stack.client.get_run(DAG_ID, two_runs[DAY_2])["end_date"]
 
-    stack.airflow_cli(
-        "backfill",
-        "create",
-        "--dag-id",
-        DAG_ID,
-        "--from-date",
-        DAY_2.isoformat(),
-        "--to-date",
-        DAY_2.isoformat(),
-        "--reprocess-behavior",
-        "completed",
-        "--max-active-runs",
-        "1",
-    )
+    backfill(stack, DAY_2)
     rerun = wait_for_rerun(stack, midnight(DAY_2), finished_before)
 
     assert rerun["state"] == "success"
     assert snapshot_versions(data_dir) == snapshots_before
     assert raw_copies(data_dir) == raw_before
     assert sorted(v.version for v in model_versions(mlflow_client)) == versions_before
+
+
+def test_backfill_of_older_day_keeps_champion(
+    stack: LocalStack, two_runs: dict, mlflow_client: MlflowClient
+) -> None:
+    champion_before = mlflow_client.get_model_version_by_alias(MODEL_NAME, "champion").version
+    finished_before = stack.client.get_run(DAG_ID, two_runs[DAY_1])["end_date"]
+
+    backfill(stack, DAY_1)
+    rerun = wait_for_rerun(stack, midnight(DAY_1), finished_before)
+
+    assert rerun["state"] == "success"
+    task_instances = stack.client.task_instances(DAG_ID, rerun["dag_run_id"])
+    task_states = {ti["task_id"]: ti["state"] for ti in task_instances}
+    assert task_states["register"] == "skipped"
+    champion = mlflow_client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert champion.version == champion_before
+
+
+def backfill(stack: LocalStack, day: dt.date) -> None:
+    """Rerun the completed run of ``day`` with the CLI's backfill."""
+    stack.airflow_cli(
+        "backfill",
+        "create",
+        "--dag-id",
+        DAG_ID,
+        "--from-date",
+        day.isoformat(),
+        "--to-date",
+        day.isoformat(),
+        "--reprocess-behavior",
+        "completed",
+        "--max-active-runs",
+        "1",
+    )
 
 
 def wait_for_rerun(stack: LocalStack, logical_date: dt.datetime, finished_before: str) -> dict:

@@ -134,6 +134,36 @@ def test_gate_regression_below_bound() -> None:
     assert "0.9400 is below 0.9500" in reasons[1]
 
 
+def test_gate_keeps_champion_on_newer_data() -> None:
+    gate = GateSpec(min_accuracy=0.5, max_regression=0.01)
+    passed, reasons = decide_gate(
+        gate,
+        {"accuracy": 0.97},
+        {"accuracy": 0.96},
+        "4",
+        model_name="m",
+        candidate_window_end="2026-12-02",
+        champion_window_end="2026-12-04",
+    )
+    assert not passed
+    assert "before the champion's 2026-12-04" in reasons[-1]
+
+
+def test_gate_accepts_same_data_end() -> None:
+    gate = GateSpec(min_accuracy=0.5, max_regression=0.01)
+    passed, reasons = decide_gate(
+        gate,
+        {"accuracy": 0.97},
+        {"accuracy": 0.96},
+        "4",
+        model_name="m",
+        candidate_window_end="2026-12-04",
+        champion_window_end="2026-12-04",
+    )
+    assert passed
+    assert "not before the champion's 2026-12-04" in reasons[-1]
+
+
 @pytest.mark.mlflow
 def test_gate_passes_without_champion(setup, mlflow_server) -> None:
     spec = fresh_spec(setup["spec"], min_accuracy=0.9)
