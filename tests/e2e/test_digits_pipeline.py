@@ -205,7 +205,19 @@ def test_backfill_of_older_day_keeps_champion(
 
 
 def backfill(stack: LocalStack, day: dt.date) -> None:
-    """Rerun the completed run of ``day`` with the CLI's backfill."""
+    """Rerun the completed run of ``day`` with the CLI's backfill.
+
+    Airflow allows one unfinished backfill per DAG, and the scheduler marks a backfill complete
+    a little after its last run ends, so this first waits for earlier backfills to complete.
+    """
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        backfills = stack.client.request("GET", "/backfills", params={"dag_id": DAG_ID})
+        if all(item["completed_at"] for item in backfills["backfills"]):
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"an earlier backfill of {DAG_ID} did not complete: {backfills}")
     stack.airflow_cli(
         "backfill",
         "create",
