@@ -131,17 +131,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stack_ports() -> dict[str, str]:
+    """Pick distinct free ports for the stack; the model servers use SERVING and SERVING + 1."""
+    names = ("AIRFLOW", "MLFLOW", "WORKER_LOG", "TRIGGERER_LOG", "SERVING")
+    while True:
+        ports = {f"ML_LOOP_{name}_PORT": free_port() for name in names}
+        used = [*ports.values(), ports["ML_LOOP_SERVING_PORT"] + 1]
+        if len(set(used)) == len(used) and port_is_free(ports["ML_LOOP_SERVING_PORT"] + 1):
+            return {name: str(port) for name, port in ports.items()}
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def run_main_job(state_dir: Path) -> tuple[dict[str, Any], float, dict[str, str]]:
-    serving = free_port()
-    environ = {
-        **python_env(),
-        "ML_LOOP_STATE_DIR": str(state_dir),
-        "ML_LOOP_AIRFLOW_PORT": str(free_port()),
-        "ML_LOOP_MLFLOW_PORT": str(free_port()),
-        "ML_LOOP_WORKER_LOG_PORT": str(free_port()),
-        "ML_LOOP_TRIGGERER_LOG_PORT": str(free_port()),
-        "ML_LOOP_SERVING_PORT": str(serving),
-    }
+    environ = {**python_env(), "ML_LOOP_STATE_DIR": str(state_dir), **stack_ports()}
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "local_stack", "run", "--once"],

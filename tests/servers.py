@@ -40,8 +40,16 @@ def free_port_pair() -> int:
 
 def stack_environ(**overrides: str) -> dict[str, str]:
     """Return this process's environment with every local-stack port moved to a free one."""
-    environ = {**os.environ, **{name: str(free_port()) for name in STACK_PORT_ENV_VARS}}
-    environ["ML_LOOP_SERVING_PORT"] = str(free_port_pair())
+    while True:
+        ports = {name: free_port() for name in STACK_PORT_ENV_VARS}
+        serving = free_port_pair()
+        used = [*ports.values(), serving, serving + 1]
+        # Each pick releases its port, so two picks can return the same one; the stack rejects
+        # a port used twice.
+        if len(set(used)) == len(used):
+            break
+    environ = {**os.environ, **{name: str(port) for name, port in ports.items()}}
+    environ["ML_LOOP_SERVING_PORT"] = str(serving)
     environ.update(overrides)
     return environ
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,6 +20,10 @@ logger = logging.getLogger(__name__)
 TERMINAL_RUN_STATES = frozenset({"success", "failed"})
 DEFAULT_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 2.0
+# Frames shown per exception of a task log event; the last ones are nearest to the error.
+MAX_TRACEBACK_FRAMES = 5
+CAUSE_LINK = "The above exception was the direct cause of the following exception:"
+CONTEXT_LINK = "During handling of the above exception, another exception occurred:"
 
 
 class AirflowApiError(RuntimeError):
@@ -165,16 +170,24 @@ class AirflowClient:
         return runs["dag_runs"]
 
     def wait_for_run(
-        self, dag_id: str, run_id: str, timeout_s: float, poll_s: float = POLL_INTERVAL_S
+        self,
+        dag_id: str,
+        run_id: str,
+        timeout_s: float,
+        poll_s: float = POLL_INTERVAL_S,
+        check: Callable[[], None] | None = None,
     ) -> str:
         """Poll a run until it succeeds or fails, and return the final state.
 
-        Raises TimeoutError, listing each task's state, when the run has not finished after
-        ``timeout_s``.
+        ``check`` is called before each poll, so a caller can stop waiting by raising, for
+        example when a service of the stack has exited. Raises TimeoutError, listing each
+        task's state, when the run has not finished after ``timeout_s``.
         """
         deadline = time.monotonic() + timeout_s
         last_state = None
         while True:
+            if check is not None:
+                check()
             state = self.get_run(dag_id, run_id)["state"]
             if state != last_state:
                 logger.info("%s run %s is %s", dag_id, run_id, state)
@@ -201,21 +214,82 @@ class AirflowClient:
         path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}"
         return self.request("GET", path)["value"]
 
-    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
-        """Return a task try's log as text, one line per structured log event."""
+    def task_log_events(
+        self, dag_id: str, run_id: str, task_id: str, try_number: int = 1
+    ) -> list[dict[str, Any] | str]:
+        """Return a task try's log as the API's list of structured events.
+
+        An event is a dict with ``timestamp``, ``level``, ``event`` (the message) and, on an
+        exception, ``error_detail``. A log that the API returns as plain text comes back as a
+        list of lines.
+        """
         path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}"
         body = self.request("GET", path, params={"full_content": "true"})
         content = body.get("content", [])
         if isinstance(content, str):
-            return content
-        return "\n".join(_format_event(event) for event in content)
+            return content.splitlines()
+        return content
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+        """Return a task try's log as text: one line per event, plus the traceback of errors."""
+        events = self.task_log_events(dag_id, run_id, task_id, try_number)
+        return "\n".join(format_log_event(event) for event in events)
 
 
-def _format_event(event: dict[str, Any] | str) -> str:
+def format_log_event(event: dict[str, Any] | str, max_frames: int = MAX_TRACEBACK_FRAMES) -> str:
+    """Format one task log event as ``timestamp level message``, with its exception if any.
+
+    Airflow 3 stores the exception of an event in ``error_detail``, structlog's list of
+    exception dicts (``exc_type``, ``exc_value``, ``exc_notes``, ``frames``, ``is_cause``),
+    raised exception first and its causes after it. They are printed in Python's traceback
+    order, each with its last ``max_frames`` frames, so the raised exception comes last.
+    """
     if isinstance(event, str):
         return event
     parts = [event.get("timestamp", ""), event.get("level", ""), str(event.get("event", ""))]
-    return " ".join(part for part in parts if part)
+    line = " ".join(str(part) for part in parts if part)
+    details = event.get("error_detail")
+    if not isinstance(details, list) or not details:
+        return line
+    return "\n".join([line, *_format_exception_chain(details, max_frames, indent="  ")])
+
+
+def _format_exception_chain(
+    details: list[dict[str, Any]], max_frames: int, indent: str
+) -> list[str]:
+    lines: list[str] = []
+    # details[i + 1] is the __cause__ (is_cause) or __context__ of details[i].
+    for index in reversed(range(len(details))):
+        lines += _format_exception(details[index], max_frames, indent)
+        if index > 0:
+            link = CAUSE_LINK if details[index].get("is_cause") else CONTEXT_LINK
+            lines += ["", indent + link, ""]
+    return lines
+
+
+def _format_exception(detail: dict[str, Any], max_frames: int, indent: str) -> list[str]:
+    frames = detail.get("frames") or []
+    shown = frames[-max_frames:] if max_frames > 0 else []
+    lines = []
+    if len(shown) < len(frames):
+        lines.append(f"{indent}Traceback (last {len(shown)} of {len(frames)} frames):")
+    elif frames:
+        lines.append(f"{indent}Traceback:")
+    for frame in shown:
+        if (frame.get("lineno") or 0) < 0:
+            # structlog replaces the middle of a long traceback with one frame like this.
+            lines.append(f"{indent}  ... {frame.get('name', '')}")
+            continue
+        lines.append(
+            f'{indent}  File "{frame.get("filename")}", line {frame.get("lineno")}, '
+            f"in {frame.get('name')}"
+        )
+    lines.append(f"{indent}{detail.get('exc_type', 'Exception')}: {detail.get('exc_value', '')}")
+    lines += [f"{indent}{note}" for note in detail.get("exc_notes") or []]
+    for group in detail.get("exceptions") or []:
+        # A member of an exception group is its own chain, one list of exception dicts.
+        lines += _format_exception_chain(group, max_frames, indent + "  | ")
+    return lines
 
 
 def _file_stem(filename: str) -> str:

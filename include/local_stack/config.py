@@ -19,6 +19,9 @@ Ports come from environment variables, each with a default:
     ML_LOOP_WORKER_LOG_PORT     8793  log server of the scheduler's LocalExecutor workers
     ML_LOOP_TRIGGERER_LOG_PORT  8794  log server of the triggerer
 
+Every service needs a port of its own, so ``StackConfig`` rejects settings where two share one,
+for example ``ML_LOOP_MLFLOW_PORT`` equal to ``ML_LOOP_SERVING_PORT + 1``.
+
 All servers listen on 127.0.0.1, except the two log servers: Airflow 3.3.2 binds them to every
 interface and has no setting to change that. They answer only requests signed with the stack's
 secret key.
@@ -32,6 +35,7 @@ import json
 import os
 import secrets
 import sys
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -97,9 +101,20 @@ class PortBinding:
 
 @dataclasses.dataclass(frozen=True)
 class HttpCheck:
-    """Readiness probe: the URL returns HTTP 200."""
+    """Readiness probe: the URL returns HTTP 200.
+
+    The supervisor counts a response only when a process of the service listens on the URL's
+    port, so another server that responds on a port the service failed to bind cannot make the
+    service ready.
+    """
 
     url: str
+
+    @property
+    def port(self) -> int:
+        """The TCP port the probe connects to."""
+        parts = urllib.parse.urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
 
     def __call__(self, started_at: dt.datetime) -> bool:
         try:
@@ -174,6 +189,9 @@ class StackConfig:
     services: tuple[str | ServiceSpec, ...]
     serving_specs: tuple[tuple[str, str], ...]
     base_environ: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        self.check_ports()
 
     @classmethod
     def from_env(
@@ -255,6 +273,36 @@ class StackConfig:
             )
         return self.serving_port + names.index(spec_name)
 
+    def check_ports(self) -> None:
+        """Raise StackConfigError when a port is out of range or two services share one.
+
+        Every service this config defines counts, not only those in ``services``, because the
+        environment of every service and task points at all of them (``MLFLOW_TRACKING_URI``,
+        the Execution API URL, the model server connections). Extra ``ServiceSpec`` entries in
+        ``services`` count too.
+        """
+        owners: dict[int, tuple[str, PortBinding]] = {}
+        for spec in self._port_owners():
+            for binding in spec.ports:
+                if not 1 <= binding.port <= 65535:
+                    raise StackConfigError(
+                        f"invalid port {binding.port} for {spec.name} ({binding.env_var}): "
+                        f"expected a TCP port from 1 to 65535; lower {binding.env_var.split()[0]}"
+                    )
+                owner = owners.setdefault(binding.port, (spec.name, binding))
+                if owner[1] is binding:
+                    continue
+                owner_name, owner_binding = owner
+                raise StackConfigError(
+                    f"{owner_name} and {spec.name} would both listen on port {binding.port} "
+                    f"({owner_binding.env_var} = {binding.port}, {binding.env_var} = "
+                    f"{binding.port}); set these variables so that each service gets its own port"
+                )
+
+    def _port_owners(self) -> list[ServiceSpec]:
+        extra = [service for service in self.services if isinstance(service, ServiceSpec)]
+        return [*self._known_services().values(), *extra]
+
     def serving_url(self, spec_name: str) -> str:
         return f"http://{HOST}:{self.serving_port_for(spec_name)}"
 
@@ -288,7 +336,9 @@ class StackConfig:
             return path.read_text().strip()
         except OSError as err:
             raise StackConfigError(
-                f"secret {path} is missing; call LocalStack.prepare() or start the stack first"
+                f"secret {path} is missing, so the stack in {self.state_dir} has never been "
+                "started: run `make run` once to create its database and secrets (from code, "
+                "LocalStack.prepare() creates the secrets)"
             ) from err
 
     @property

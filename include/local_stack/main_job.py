@@ -33,10 +33,10 @@ from typing import Any
 
 import httpx
 
-from local_stack.client import AirflowApiError, AirflowClient, DagImportError
+from local_stack.client import AirflowApiError, AirflowClient, DagImportError, format_log_event
 from local_stack.config import ADMIN_USER, CHAMPION_ALIAS, StackConfigError
 from local_stack.stack import LocalStack
-from local_stack.supervisor import StackError
+from local_stack.supervisor import STOP_GRACE_S, StackError
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,11 @@ DEFAULT_RUN_TIMEOUT_S = 3600.0
 DAG_PARSE_TIMEOUT_S = 180.0
 LANDING_TIMEOUT_S = 900.0
 HTTP_TIMEOUT_S = 30.0
-FAILED_LOG_LINES = 40
+FAILED_LOG_EVENTS = 40
 # Metrics of the champion printed for people; the JSON result carries all of them.
 SHOWN_METRICS = ("accuracy", "test_macro_f1", "val_accuracy")
+# Exit code of a job that a signal stopped, as a shell reports a process killed by SIGINT.
+INTERRUPTED_EXIT_CODE = 130
 
 
 class MainJobError(RuntimeError):
@@ -120,7 +122,12 @@ def _run_with_logical_date(
 
 
 def describe_failure(client: AirflowClient, dag_id: str, run_id: str) -> str:
-    """Return each failed task of a run with the end of its log, for the terminal."""
+    """Return each failed task of a run with the end of its log, for the terminal.
+
+    The end of a log is its last FAILED_LOG_EVENTS events, and an event with an exception
+    shows the exception's type, message and last frames. When the task's last exception was
+    logged before those events, it is shown first.
+    """
     lines = [f"{dag_id} run {run_id} did not succeed; task states:"]
     failed = []
     for ti in client.task_instances(dag_id, run_id):
@@ -128,13 +135,30 @@ def describe_failure(client: AirflowClient, dag_id: str, run_id: str) -> str:
         if ti["state"] == "failed":
             failed.append(ti)
     for ti in failed:
+        task_id = ti["task_id"]
+        try_number = max(ti["try_number"], 1)
         try:
-            log = client.task_log(dag_id, run_id, ti["task_id"], max(ti["try_number"], 1))
+            events = client.task_log_events(dag_id, run_id, task_id, try_number)
         except AirflowApiError as err:
-            log = f"(log not available: {err})"
-        tail = "\n".join(log.splitlines()[-FAILED_LOG_LINES:])
-        lines.append(f"--- last {FAILED_LOG_LINES} log lines of {ti['task_id']}:\n{tail}")
+            lines.append(f"--- log of {task_id} (try {try_number}) not available: {err}")
+            continue
+        tail_start = max(len(events) - FAILED_LOG_EVENTS, 0)
+        errors = [index for index, event in enumerate(events) if _has_exception(event)]
+        if errors and errors[-1] < tail_start:
+            lines.append(
+                f"--- last exception in the log of {task_id} (try {try_number}):\n"
+                f"{format_log_event(events[errors[-1]])}"
+            )
+        tail = "\n".join(format_log_event(event) for event in events[tail_start:])
+        lines.append(
+            f"--- last {len(events) - tail_start} log events of {task_id} (try {try_number}):\n"
+            f"{tail or '(the log is empty)'}"
+        )
     return "\n".join(lines)
+
+
+def _has_exception(event: dict[str, Any] | str) -> bool:
+    return isinstance(event, dict) and bool(event.get("error_detail"))
 
 
 def champion_summary(mlflow_url: str, model_name: str) -> dict[str, Any]:
@@ -239,10 +263,12 @@ RESULT_KEYS = (
 def run_main_job(stack: LocalStack, once: bool) -> int:
     """Start the stack, land the data, run the training DAG once and report; return the exit code.
 
-    Without ``once`` everything stays up until Ctrl-C (or SIGTERM). Either way the last stdout
-    line is one JSON object with the keys in RESULT_KEYS; ``state`` is the run's final state, or
-    ``error`` when the job failed before the run finished. Errors go to stderr, and any error
-    makes the exit code 1, even after a successful run.
+    Without ``once`` everything stays up until Ctrl-C, SIGTERM or SIGHUP. Either way the last
+    stdout line is one JSON object with the keys in RESULT_KEYS. Its ``state`` is the run's
+    final state, ``error`` when the job failed before the run finished, or ``interrupted`` when
+    a signal stopped it before that. Errors go to stderr. The exit code is 0 when the run
+    succeeded and nothing failed, 130 when a signal came before the job reached the "stays up"
+    phase, and 1 after any error, even after a successful run.
     """
     started = time.monotonic()
     result: dict[str, Any] = dict.fromkeys(RESULT_KEYS)
@@ -254,8 +280,9 @@ def run_main_job(stack: LocalStack, once: bool) -> int:
         mlflow_url=stack.config.mlflow_url,
         serving_url=stack.config.serving_url(MAIN_SPEC),
     )
-    try:
-        with _stop_on_sigterm():
+    failed = interrupted = False
+    with _StopOnSignal() as signals:
+        try:
             stack.prepare()
             try:
                 _train_once(stack, result)
@@ -264,24 +291,29 @@ def run_main_job(stack: LocalStack, once: bool) -> int:
                     print("Everything stays up; press Ctrl-C to stop.", flush=True)
                     _watch(stack)
             finally:
+                signals.shield()
                 stack.stop()
-    except (
-        StackError,
-        StackConfigError,
-        MainJobError,
-        AirflowApiError,
-        DagImportError,
-        TimeoutError,
-        httpx.HTTPError,
-    ) as err:
-        logger.error("%s", err)
-        failed = True
-        result["state"] = result["state"] or "error"
-    else:
-        failed = False
+        except KeyboardInterrupt as interrupt:
+            logger.warning("stopped the stack on %s before the job finished", interrupt)
+            interrupted = True
+            result["state"] = result["state"] or "interrupted"
+        except (
+            StackError,
+            StackConfigError,
+            MainJobError,
+            AirflowApiError,
+            DagImportError,
+            TimeoutError,
+            httpx.HTTPError,
+        ) as err:
+            logger.error("%s", err)
+            failed = True
+            result["state"] = result["state"] or "error"
     if result["elapsed_s"] is None:
         result["elapsed_s"] = round(time.monotonic() - started, 1)
     print(json.dumps(result), flush=True)
+    if interrupted:
+        return INTERRUPTED_EXIT_CODE
     return 0 if result["state"] == "success" and not failed else 1
 
 
@@ -296,8 +328,13 @@ def _train_once(stack: LocalStack, result: dict[str, Any]) -> None:
     client.wait_for_dag(MAIN_DAG_ID, timeout_s=DAG_PARSE_TIMEOUT_S)
     run_id = start_training_run(client, MAIN_DAG_ID, today, stack_started_at)
     result["run_id"] = run_id
-    state = client.wait_for_run(MAIN_DAG_ID, run_id, timeout_s=run_timeout_s)
+    state = client.wait_for_run(
+        MAIN_DAG_ID, run_id, timeout_s=run_timeout_s, check=stack.check_alive
+    )
     result["state"] = state
+    # A service that died during the run (a model server that lost its port, for example)
+    # fails the job with its log tail, even when the DAG run itself succeeded.
+    stack.check_alive()
     result.update(_report(stack, state, client, run_id))
 
 
@@ -354,29 +391,46 @@ def _report(stack: LocalStack, state: str, client: AirflowClient, run_id: str) -
 
 
 def _watch(stack: LocalStack) -> None:
-    """Block until Ctrl-C or SIGTERM; raise StackError when a service exits meanwhile."""
+    """Block until Ctrl-C, SIGTERM or SIGHUP; raise StackError when a service exits meanwhile."""
     try:
         while True:
             stack.check_alive()
             time.sleep(2.0)
-    except KeyboardInterrupt:
-        logger.info("stopping on request")
+    except KeyboardInterrupt as interrupt:
+        logger.info("stopping on %s", interrupt)
 
 
-class _stop_on_sigterm:
-    """Turn SIGTERM and SIGHUP into KeyboardInterrupt, so they stop the stack like Ctrl-C."""
+class _StopOnSignal:
+    """Turn SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt, so each one stops the stack.
 
-    _signals = (signal.SIGTERM, signal.SIGHUP)
+    SIGINT gets its handler explicitly, because a process that starts with SIGINT ignored (a
+    background job of a non-interactive shell) inherits that, and Python then installs no
+    handler of its own. Only the first signal interrupts. After it, and after ``shield()``,
+    signals are logged and otherwise ignored, so none can cut the stop of the services short.
+    """
 
-    def __enter__(self) -> None:
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self._signals}
+    _signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __enter__(self) -> _StopOnSignal:
+        self._previous = {sig: signal.signal(sig, self._interrupt) for sig in self._signals}
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def _handle(self, signum: int, frame: object) -> None:
-        # Only the first signal interrupts, so a second one cannot cut the stop short.
+    def shield(self) -> None:
+        """Log signals from now on instead of raising, while the services stop."""
         for sig in self._signals:
-            signal.signal(sig, signal.SIG_IGN)
-        raise KeyboardInterrupt(f"signal {signum}")
+            signal.signal(sig, self._log_while_stopping)
+
+    def _interrupt(self, signum: int, frame: object) -> None:
+        self.shield()
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def _log_while_stopping(self, signum: int, frame: object) -> None:
+        logger.warning(
+            "ignoring %s while the services stop; processes still running after %.0f s get SIGKILL",
+            signal.Signals(signum).name,
+            STOP_GRACE_S,
+        )

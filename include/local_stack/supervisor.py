@@ -23,13 +23,15 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO
 
-from local_stack.config import PortBinding, ServiceSpec, StackConfigError
+from local_stack.config import HttpCheck, PortBinding, ServiceSpec, StackConfigError
 
 logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 20.0
 LOG_TAIL_CHARS = 4000
 POLL_INTERVAL_S = 0.5
+# State code of a listening socket in /proc/net/tcp (TCP_LISTEN in the kernel's tcp_states.h).
+TCP_LISTEN = "0A"
 
 
 class StackError(RuntimeError):
@@ -241,6 +243,8 @@ def _check_ready(service: RunningService) -> None:
         )
     probe = service.spec.ready
     if not service.spec.one_shot and (probe is None or probe(service.started_at)):
+        if not _probe_reached_service(service):
+            return
         service.ready = True
         logger.info("%s is ready after %.1f s", name, time.monotonic() - service.started_monotonic)
         return
@@ -250,6 +254,80 @@ def _check_ready(service: RunningService) -> None:
             f"ML_LOOP_STARTUP_TIMEOUT_S on a slow machine; log {service.log_path} ends with:\n"
             f"{service.log_tail()}"
         )
+
+
+def _probe_reached_service(service: RunningService) -> bool:
+    """Check that the process that responded to the readiness probe belongs to the service.
+
+    A server that is still importing its code, or that is about to fail with "address already
+    in use", is alive while another process responds on its port. So an HttpCheck only counts
+    when a process of the service's group listens on the probed port. Returns False when the
+    service exited meanwhile or nothing listens on the port any more (the next poll decides),
+    and raises ServiceStartError when a process outside the group listens on it.
+    """
+    if service.process.poll() is not None:
+        return False
+    probe = service.spec.ready
+    if not isinstance(probe, HttpCheck):
+        return True
+    port = probe.port
+    listeners = listening_socket_inodes(port)
+    if listeners is None:
+        # Without /proc/net (not Linux) the owner of a socket cannot be looked up.
+        return True
+    if not listeners:
+        return False
+    if listeners & group_socket_inodes(service.pgid):
+        return True
+    variables = [binding.env_var for binding in service.spec.ports if binding.port == port]
+    move = f"set {variables[0]} to a free port" if variables else "move the service to a free port"
+    raise ServiceStartError(
+        f"the readiness probe of {service.spec.name} ({probe.url}) got a response, but no "
+        f"process of {service.spec.name} (process group {service.pgid}) listens on port {port}: "
+        f"another process took the port; stop that process or {move}; log {service.log_path} "
+        f"ends with:\n{service.log_tail()}"
+    )
+
+
+def listening_socket_inodes(port: int) -> set[int] | None:
+    """Return the inodes of TCP sockets that listen on ``port``, or None without /proc/net.
+
+    Reads ``/proc/net/tcp`` and ``/proc/net/tcp6``, which list the sockets of this process's
+    network namespace, the one the stack's services run in.
+    """
+    inodes: set[int] = set()
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for line in lines:
+            # Fields: sl, local_address (hex IP:port), rem_address, st (0A = LISTEN), tx_queue
+            # and rx_queue, tr and tm->when, retrnsmt, uid, timeout, inode, ...
+            fields = line.split()
+            if fields[3] == TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(int(fields[9]))
+    return inodes if readable else None
+
+
+def group_socket_inodes(pgid: int) -> set[int]:
+    """Return the inodes of the sockets that the live processes of a process group hold open."""
+    inodes: set[int] = set()
+    for pid in group_members(pgid):
+        try:
+            descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for descriptor in descriptors:
+            try:
+                target = os.readlink(descriptor)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target.removeprefix("socket:[").removesuffix("]")))
+    return inodes
 
 
 def find_exited(services: Iterable[RunningService]) -> RunningService | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import http.server
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from local_stack import (
     DagImportError,
     HttpCheck,
     LocalStack,
+    PortBinding,
     PortInUseError,
     ServiceSpec,
     ServiceStartError,
@@ -30,6 +33,7 @@ from local_stack import (
     StackError,
     StackLockedError,
 )
+from local_stack.main_job import describe_failure
 from local_stack.supervisor import group_members, process_start_ticks
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -102,6 +106,52 @@ def test_busy_port_releases_lock(make_config: ConfigFactory, listening_port: int
 def test_invalid_port_variable_rejected(make_config: ConfigFactory) -> None:
     with pytest.raises(StackConfigError, match="ML_LOOP_AIRFLOW_PORT='eighty'"):
         make_config([], ML_LOOP_AIRFLOW_PORT="eighty")
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "variables"),
+    [
+        ("api-server", "mlflow", {"ML_LOOP_AIRFLOW_PORT": 0, "ML_LOOP_MLFLOW_PORT": 0}),
+        (
+            "mlflow",
+            "model-server-breast_cancer",
+            {"ML_LOOP_MLFLOW_PORT": 0, "ML_LOOP_SERVING_PORT": 1},
+        ),
+        ("scheduler", "triggerer", {"ML_LOOP_WORKER_LOG_PORT": 0, "ML_LOOP_TRIGGERER_LOG_PORT": 0}),
+    ],
+)
+def test_shared_port_rejected(
+    make_config: ConfigFactory, first: str, second: str, variables: dict[str, int]
+) -> None:
+    # Each variable is set so that the variable plus its offset is the shared port.
+    port = free_port()
+    env = {name: str(port - offset) for name, offset in variables.items()}
+    with pytest.raises(StackConfigError) as raised:
+        make_config(["mlflow"], **env)
+    message = str(raised.value)
+    assert f"{first} and {second} would both listen on port {port}" in message
+    for name, offset in variables.items():
+        shown = f"{name} + {offset}" if offset else name
+        assert f"{shown} = {port}" in message
+
+
+def test_shared_port_with_extra_service_rejected(make_config: ConfigFactory) -> None:
+    port = free_port()
+    extra = python_service("extra", "pass", ports=(PortBinding(port, "EXTRA_PORT"),))
+    with pytest.raises(StackConfigError) as raised:
+        make_config([extra], ML_LOOP_MLFLOW_PORT=str(port))
+    message = str(raised.value)
+    assert f"mlflow and extra would both listen on port {port}" in message
+    assert f"ML_LOOP_MLFLOW_PORT = {port}" in message
+    assert f"EXTRA_PORT = {port}" in message
+
+
+def test_second_serving_port_out_of_range(make_config: ConfigFactory) -> None:
+    with pytest.raises(StackConfigError) as raised:
+        make_config([], ML_LOOP_SERVING_PORT="65535")
+    message = str(raised.value)
+    assert "invalid port 65536 for model-server-breast_cancer" in message
+    assert "ML_LOOP_SERVING_PORT + 1" in message
 
 
 def test_unknown_service_rejected(make_config: ConfigFactory) -> None:
@@ -251,6 +301,59 @@ def test_unready_service_times_out(make_config: ConfigFactory) -> None:
     assert [group_members(pgid) for pgid in stack.started_groups] == [[]]
 
 
+class OkHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def serve_foreign() -> Iterator[Callable[[int], None]]:
+    """Start HTTP servers of this test process that return 200 to every GET, on given ports."""
+    servers = []
+
+    def serve(port: int) -> None:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), OkHandler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="socket owners come from /proc")
+def test_probe_answered_by_other_process_rejected(
+    make_config: ConfigFactory, serve_foreign: Callable[[int], None]
+) -> None:
+    port = free_port()
+    # The service never binds its port, as a server does while it imports its code or after it
+    # failed with "address already in use", and a server of the test takes the port after the
+    # port check, so that it responds to the probe.
+    idle = python_service(
+        "idle",
+        "import time; time.sleep(120)",
+        ready=HttpCheck(f"http://127.0.0.1:{port}/health"),
+        ports=(PortBinding(port, "IDLE_PORT"),),
+    )
+    config = make_config([idle])
+    stack = LocalStack(config)
+    stack.prepare()
+    serve_foreign(port)
+    with pytest.raises(ServiceStartError) as raised:
+        stack.start()
+    message = str(raised.value)
+    assert "no process of idle" in message
+    assert f"listens on port {port}" in message
+    assert "set IDLE_PORT to a free port" in message
+    assert str(config.logs_dir / "idle.log") in message
+    assert [group_members(pgid) for pgid in stack.started_groups] == [[]]
+
+
 def test_exited_service_detected_after_start(make_config: ConfigFactory) -> None:
     port = free_port()
     stack = LocalStack(make_config([web_service(port)]))
@@ -358,6 +461,25 @@ stack_smoke()
 # broken file names both before its failing import.
 BROKEN_DAG = "from airflow.sdk import dag\nimport does_not_exist_anywhere\n"
 
+# A DAG whose only task fails on a missing module, as a task does when a stage module is missing.
+FAILING_DAG = """
+import datetime as dt
+
+from airflow.sdk import dag, task
+
+
+@dag(schedule=None, start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+def stack_failing():
+    @task
+    def import_stage():
+        import ml_loop.no_such_stage  # noqa: F401
+
+    import_stage()
+
+
+stack_failing()
+"""
+
 
 @pytest.mark.e2e
 def test_stack_runs_dag_through_scheduler(tmp_path: Path, make_config: ConfigFactory) -> None:
@@ -365,6 +487,7 @@ def test_stack_runs_dag_through_scheduler(tmp_path: Path, make_config: ConfigFac
     dags.mkdir()
     (dags / "stack_smoke.py").write_text(SMOKE_DAG)
     (dags / "stack_broken.py").write_text(BROKEN_DAG)
+    (dags / "stack_failing.py").write_text(FAILING_DAG)
     config = make_config([*AIRFLOW_SERVICES, MLFLOW_SERVICE])
     stack = LocalStack(config)
     with stack:
@@ -405,6 +528,15 @@ def test_stack_runs_dag_through_scheduler(tmp_path: Path, make_config: ConfigFac
 
         result = stack.airflow_cli("dags", "list-runs", "stack_smoke", "-o", "json")
         assert run_id in result.stdout
+
+        client.wait_for_dag("stack_failing", timeout_s=180)
+        client.unpause("stack_failing")
+        failing_run = client.trigger("stack_failing")
+        assert client.wait_for_run("stack_failing", failing_run, timeout_s=300) == "failed"
+        summary = describe_failure(client, "stack_failing", failing_run)
+        assert "  import_stage: failed" in summary
+        assert "ModuleNotFoundError: No module named 'ml_loop.no_such_stage'" in summary
+        assert "stack_failing.py" in summary
     assert stack.process_groups == []
     assert [group_members(pgid) for pgid in started] == [[] for _ in started]
     assert (config.state_dir / "stack.lock").read_text() == ""
