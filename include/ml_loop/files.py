@@ -11,9 +11,9 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 DATA_DIR_ENV = "ML_LOOP_DATA_DIR"
 TMP_PREFIX = ".tmp-"
@@ -51,13 +51,16 @@ def sha256_tree(root: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to ``path`` through a temporary file in the same folder, then rename."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], suffix: str = "") -> None:
+    """Call ``write`` on a temporary file beside ``path``, fsync it, then rename it to ``path``.
+
+    Readers see the old file or the complete new one, never a partial write.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -65,6 +68,12 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to ``path`` through a temporary file in the same folder, then rename."""
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str)
+    write_atomic(path, lambda handle: handle.write(text.encode()))
 
 
 @contextlib.contextmanager

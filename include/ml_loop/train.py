@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import random
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from torch import nn
 
 from ml_loop import models
 from ml_loop.errors import MlLoopError, TrainingError
-from ml_loop.files import TMP_PREFIX, data_root, write_json_atomic
+from ml_loop.files import data_root, write_atomic, write_json_atomic
 from ml_loop.process import SPLIT_CODES
 from ml_loop.refs import StageRef
 from ml_loop.spec import PipelineSpec, RunConfig, load_spec
@@ -742,18 +741,7 @@ def _load_checkpoint(path: Path, train_key: str) -> dict[str, Any] | None:
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write the checkpoint to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda handle: torch.save(state, handle), suffix=".pt")
 
 
 def _remove_checkpoint(path: Path) -> None:
