@@ -26,7 +26,7 @@ def data_root(root: str | Path | None = None) -> Path:
     value = os.environ.get(DATA_DIR_ENV)
     if not value:
         raise RuntimeError(
-            f"{DATA_DIR_ENV} is not set; set it to the folder that holds landing/, raw/ and "
+            f"{DATA_DIR_ENV} is not set; set it to the folder that contains landing/, raw/ and "
             "snapshots/ (the local stack sets it to .stack/data)"
         )
     return Path(value)

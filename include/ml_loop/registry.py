@@ -102,9 +102,9 @@ def register_candidate(
 ) -> Registration:
     """Register the trained run as a version of ``model_name``, tag it and move the aliases.
 
-    A retry or rerun for the same run id finds the version made the first time and returns it,
-    with its gate tags and aliases set again, instead of creating a second version; the ``tags``
-    given when the version was created are kept. The version is
+    A retry or rerun for the same run id finds the version made the first time and returns it
+    instead of creating a second version. Its gate tags and aliases are set again, and the
+    ``tags`` given when it was created are kept. The version is
     promoted to ``champion`` when ``evaluation["passed"]`` is true or ``force_promote`` is set;
     the champion it replaces becomes ``previous``.
 
@@ -133,8 +133,8 @@ def register_candidate(
         logger.info(
             "run %s is already registered as %s version %s; reusing it", run_id, model_name, version
         )
-        # The tags of the registration that created the version (its Airflow run, its snapshot)
-        # stay; a rerun adds only tags the version does not have yet.
+        # A rerun adds only tags the version does not have yet, so the tags of the registration
+        # that created it (its Airflow run, its snapshot) stay.
         existing = client.get_model_version(model_name, version).tags
         provenance = {key: value for key, value in provenance.items() if key not in existing}
 
