@@ -188,16 +188,8 @@ def load_processed(directory: str | Path) -> tuple[dict[str, np.ndarray], dict[s
     return arrays, stats
 
 
-def _check_refs(
-    spec: PipelineSpec, validated_refs: Sequence[Mapping[str, Any]]
-) -> list[Mapping[str, Any]]:
-    """Return the references sorted by partition date, after checking their keys and dataset."""
-    if not validated_refs:
-        raise DataValidationError(
-            f"no validated partitions to process for {spec.dataset.name}: every partition of "
-            "the window was missing or rejected; check the validate task's reports and the "
-            "quarantine folder, or land data for the window"
-        )
+def check_validated_refs(spec: PipelineSpec, validated_refs: Sequence[Mapping[str, Any]]) -> None:
+    """Raise DataValidationError when a reference lacks keys or belongs to another dataset."""
     for ref in validated_refs:
         missing = [name for name in VALIDATED_KEYS if name not in ref]
         if missing:
@@ -210,6 +202,19 @@ def _check_refs(
                 f"validated partition {ref['table_uri']} belongs to dataset {ref['dataset']!r}, "
                 f"not to {spec.dataset.name!r} of spec {spec.name!r}"
             )
+
+
+def _check_refs(
+    spec: PipelineSpec, validated_refs: Sequence[Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    """Return the references sorted by partition date, after checking their keys and dataset."""
+    if not validated_refs:
+        raise DataValidationError(
+            f"no validated partitions to process for {spec.dataset.name}: every partition of "
+            "the window was missing or rejected; check the validate task's reports and the "
+            "quarantine folder, or land data for the window"
+        )
+    check_validated_refs(spec, validated_refs)
     refs = sorted(validated_refs, key=lambda ref: ref["partition_date"])
     dates = [ref["partition_date"] for ref in refs]
     repeated = sorted({date for date in dates if dates.count(date) > 1})

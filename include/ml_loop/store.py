@@ -41,8 +41,8 @@ from ml_loop.process import (
     DATA_FILE,
     SPLIT_CODES,
     SPLITS,
-    VALIDATED_KEYS,
     ProcessedRef,
+    check_validated_refs,
     content_digest,
     load_processed,
 )
@@ -229,20 +229,9 @@ def _source_partitions(
             f"no validated partitions given for the snapshot of {spec.dataset.name}; pass the "
             "validated references the processed output was built from"
         )
-    for ref in validated_refs:
-        missing = [name for name in VALIDATED_KEYS if name not in ref]
-        if missing:
-            raise DataValidationError(
-                f"invalid validated reference {dict(ref)!r}: missing keys {missing}; pass the "
-                "dicts that ml_loop.validate returned"
-            )
+    check_validated_refs(spec, validated_refs)
     partitions = []
     for ref in sorted(validated_refs, key=lambda ref: ref["partition_date"]):
-        if ref["dataset"] != spec.dataset.name:
-            raise DataValidationError(
-                f"validated partition {ref.get('table_uri')} belongs to dataset "
-                f"{ref['dataset']!r}, not to {spec.dataset.name!r} of spec {spec.name!r}"
-            )
         partitions.append(
             {
                 "partition_date": ref["partition_date"],
