@@ -24,6 +24,8 @@ from ml_loop.errors import SpecError
 SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
 
 DatasetKind = Literal["images", "tabular"]
+TrainBackend = Literal["local", "docker", "kubernetes"]
+TRAIN_BACKENDS: tuple[str, ...] = ("local", "docker", "kubernetes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +114,61 @@ class GateSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class DockerComputeSpec:
+    """How the docker backend starts the training container.
+
+    The data root is bind-mounted at the same path inside the container, so the snapshot and
+    checkpoint paths in the task's references mean the same file on both sides.
+    """
+
+    image: str = "ml-loop-train:latest"
+    docker_url: str = "unix://var/run/docker.sock"
+    network_mode: str = "host"
+    shm_size: str = "1g"
+    # GPU ids for the device request; empty means "any `gpus` GPUs" (or all when gpus is -1).
+    gpu_device_ids: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class KubernetesComputeSpec:
+    """How the kubernetes backend builds the training pod."""
+
+    image: str = "ml-loop-train:latest"
+    namespace: str = "ml-loop"
+    service_account: str = "ml-loop-train"
+    image_pull_policy: str = "IfNotPresent"
+    # PersistentVolumeClaim that holds the data root, mounted at data_mount_path in the pod.
+    data_pvc: str = "ml-loop-data"
+    data_mount_path: str = "/data"
+    # Kubernetes Secret whose keys become the pod's MLflow credentials (env from secret).
+    mlflow_secret: str | None = None
+    shm_size: str = "1Gi"
+    cpu_request: str = "2"
+    memory_request: str = "8Gi"
+    memory_limit: str = "16Gi"
+    node_selector: dict[str, str] = dataclasses.field(default_factory=dict)
+    tolerations: tuple[dict[str, Any], ...] = ()
+    startup_timeout_seconds: int = 600
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeSpec:
+    """Where the train step runs and on what hardware.
+
+    ``gpus`` is 0 for CPU, N for N GPUs (more than one runs under torchrun with DDP) or -1 for
+    every GPU of the Docker host. ``gpu_pool`` is the Airflow pool whose slots are GPUs: a train
+    task that asks for GPUs takes ``gpus`` slots of it.
+    """
+
+    backend: TrainBackend = "local"
+    gpus: int = 0
+    dataloader_workers: int = 0
+    gpu_pool: str = "gpu"
+    docker: DockerComputeSpec = dataclasses.field(default_factory=DockerComputeSpec)
+    kubernetes: KubernetesComputeSpec = dataclasses.field(default_factory=KubernetesComputeSpec)
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineSpec:
     name: str
     description: str
@@ -125,10 +182,18 @@ class PipelineSpec:
     split: SplitSpec
     gate: GateSpec
     source_path: Path
+    compute: ComputeSpec = dataclasses.field(default_factory=ComputeSpec)
 
     def digest(self) -> str:
-        """Return a short SHA-256 of the spec's content, logged with every run."""
-        payload = json.dumps(to_dict(self), sort_keys=True, default=str).encode()
+        """Return a short SHA-256 of the spec's content, logged with every run.
+
+        The ``compute`` section is left out: it says where training runs, not what it computes,
+        so switching backends keeps the train key and a retry on another backend resumes from
+        the same checkpoint.
+        """
+        data = to_dict(self)
+        data.pop("compute", None)
+        payload = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(payload).hexdigest()[:12]
 
 
@@ -239,9 +304,42 @@ def _parse(raw: dict[str, Any], path: Path) -> PipelineSpec:
         split=split,
         gate=GateSpec(**raw["gate"]),
         source_path=path,
+        compute=_parse_compute(raw.get("compute") or {}),
     )
     RunConfig.from_params(spec, None)
     return spec
+
+
+def _parse_compute(raw: dict[str, Any]) -> ComputeSpec:
+    raw = dict(raw)
+    docker_raw = dict(raw.pop("docker", None) or {})
+    if "gpu_device_ids" in docker_raw:
+        docker_raw["gpu_device_ids"] = tuple(str(item) for item in docker_raw["gpu_device_ids"])
+    kubernetes_raw = dict(raw.pop("kubernetes", None) or {})
+    if "tolerations" in kubernetes_raw:
+        kubernetes_raw["tolerations"] = tuple(dict(item) for item in kubernetes_raw["tolerations"])
+    compute = ComputeSpec(
+        **raw,
+        docker=DockerComputeSpec(**docker_raw),
+        kubernetes=KubernetesComputeSpec(**kubernetes_raw),
+    )
+    check_train_backend(compute.backend)
+    if compute.gpus < -1:
+        raise ValueError(f"compute.gpus is {compute.gpus}; use 0 (CPU), N GPUs or -1 (all)")
+    if compute.dataloader_workers < 0:
+        raise ValueError(
+            f"compute.dataloader_workers is {compute.dataloader_workers}; use 0 or more"
+        )
+    return compute
+
+
+def check_train_backend(backend: str) -> None:
+    """Raise SpecError unless ``backend`` is one of TRAIN_BACKENDS."""
+    if backend not in TRAIN_BACKENDS:
+        raise SpecError(
+            f"invalid train backend {backend!r}: expected one of {', '.join(TRAIN_BACKENDS)}; set "
+            "compute.backend in the spec or the train_backend param"
+        )
 
 
 def to_dict(spec: PipelineSpec) -> dict[str, Any]:
