@@ -38,13 +38,19 @@ logger = logging.getLogger(__name__)
 
 RAW_AREA = "raw"
 READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+LANDING_SOURCE = "landing"
+FEEDBACK_SOURCE = "feedback"
+# Labelled live traffic, written by ml_loop.feedback in the landing layout.
+FEEDBACK_LANDING_AREA = "landing_feedback"
 
 
 @dataclasses.dataclass(frozen=True)
 class PartitionRef(StageRef):
     """One ingested partition in the raw area.
 
-    ``file_count`` and ``bytes`` count the data files, without ``_manifest.json``.
+    ``file_count`` and ``bytes`` count the data files, without ``_manifest.json``. ``source`` is
+    ``landing`` for a regular batch and ``feedback`` for labelled live traffic that the monitoring
+    DAG wrote under ``landing_feedback/``.
     """
 
     producer: ClassVar[str] = "ml_loop.ingest.ingest_partition"
@@ -55,6 +61,7 @@ class PartitionRef(StageRef):
     file_count: int
     bytes: int
     content_hash: str
+    source: str = LANDING_SOURCE
 
 
 def resolve_partition_date(logical_date: dt.datetime | None, run_after: dt.datetime) -> dt.date:
@@ -74,18 +81,31 @@ def raw_partition_dir(root: Path, dataset: str, date: dt.date, content_hash: str
     return root / RAW_AREA / dataset / date.isoformat() / content_hash
 
 
+def feedback_landing_dir(root: Path, dataset: str, date: dt.date) -> Path:
+    """Return the folder ``landing_feedback/<dataset>/<YYYY-MM-DD>`` under ``root``."""
+    return root / FEEDBACK_LANDING_AREA / dataset / date.isoformat()
+
+
 def ingest_partition(
-    spec: PipelineSpec, date: dt.date | str, root: str | Path | None = None
+    spec: PipelineSpec,
+    date: dt.date | str,
+    root: str | Path | None = None,
+    *,
+    source_kind: str = LANDING_SOURCE,
 ) -> PartitionRef:
     """Copy the landing partition of ``date`` into the raw area and return a reference to it.
 
-    Raises PartitionNotFoundError when the landing partition does not exist, and
+    ``source_kind`` ``feedback`` reads the feedback partition under ``landing_feedback/``
+    instead. Raises PartitionNotFoundError when the partition does not exist, and
     DataValidationError when its manifest does not match its files.
     """
     date = as_partition_date(date)
     root = data_root(root)
     dataset = spec.dataset.name
-    source = landing_partition_dir(root, dataset, date)
+    if source_kind == FEEDBACK_SOURCE:
+        source = feedback_landing_dir(root, dataset, date)
+    else:
+        source = landing_partition_dir(root, dataset, date)
     if not source.is_dir():
         raise PartitionNotFoundError(
             f"landing partition of {dataset} for {date.isoformat()} not found at {source}; "
@@ -98,7 +118,7 @@ def ingest_partition(
     final = raw_partition_dir(root, dataset, date, content_hash)
     if final.is_dir():
         _check_raw_copy(final, content_hash)
-        ref = _partition_ref(dataset, date, final, content_hash)
+        ref = _partition_ref(dataset, date, final, content_hash, source_kind)
         logger.info("partition %s already ingested at %s; reusing it", date.isoformat(), final)
         return ref
 
@@ -114,10 +134,11 @@ def ingest_partition(
             )
         _check_manifest(staging, source, dataset, date)
         _make_read_only(staging)
-    ref = _partition_ref(dataset, date, final, content_hash)
+    ref = _partition_ref(dataset, date, final, content_hash, source_kind)
     logger.info(
-        "ingested %s partition %s: %d files, %d bytes, content hash %s, at %s",
+        "ingested %s %s partition %s: %d files, %d bytes, content hash %s, at %s",
         dataset,
+        source_kind,
         date.isoformat(),
         ref.file_count,
         ref.bytes,
@@ -134,7 +155,8 @@ def ingest_window(
 
     The run's own date is required. Earlier days that were never landed are skipped with a
     WARNING. Days after ``run_date`` are never read, so a backfill run reads only the data that
-    existed up to its own date.
+    existed up to its own date. A day's feedback partition, when one exists, comes just before
+    that day's regular partition.
     """
     run_date = as_partition_date(run_date)
     if window_days < 1:
@@ -148,12 +170,15 @@ def ingest_window(
 
     refs = []
     skipped = []
-    for date in dates[:-1]:
-        if not landing_partition_dir(root, spec.dataset.name, date).is_dir():
+    for date in dates:
+        if feedback_landing_dir(root, spec.dataset.name, date).is_dir():
+            refs.append(ingest_partition(spec, date, root, source_kind=FEEDBACK_SOURCE))
+        if date == run_date:
+            refs.append(run_ref)
+        elif landing_partition_dir(root, spec.dataset.name, date).is_dir():
+            refs.append(ingest_partition(spec, date, root))
+        else:
             skipped.append(date.isoformat())
-            continue
-        refs.append(ingest_partition(spec, date, root))
-    refs.append(run_ref)
     if skipped:
         logger.warning(
             "window of %d days ending %s: skipped %d days that were never landed: %s",
@@ -271,7 +296,9 @@ def _make_read_only(tree: Path) -> None:
             os.chmod(path, READ_ONLY)
 
 
-def _partition_ref(dataset: str, date: dt.date, copy: Path, content_hash: str) -> PartitionRef:
+def _partition_ref(
+    dataset: str, date: dt.date, copy: Path, content_hash: str, source_kind: str
+) -> PartitionRef:
     data_files = [
         path for path in copy.rglob("*") if path.is_file() and path != copy / MANIFEST_FILE
     ]
@@ -282,4 +309,5 @@ def _partition_ref(dataset: str, date: dt.date, copy: Path, content_hash: str) -
         file_count=len(data_files),
         bytes=sum(path.stat().st_size for path in data_files),
         content_hash=content_hash,
+        source=source_kind,
     )

@@ -23,11 +23,18 @@ class StageRef:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        names = [field.name for field in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in data]
+        fields = dataclasses.fields(cls)
+        names = [field.name for field in fields]
+        missing = [
+            field.name
+            for field in fields
+            if field.name not in data
+            and field.default is dataclasses.MISSING
+            and field.default_factory is dataclasses.MISSING
+        ]
         if missing:
             raise InvalidReferenceError(
                 f"invalid {cls.__name__} {dict(data)!r}: missing keys {missing}; pass the dict "
                 f"that {cls.producer} returned"
             )
-        return cls(**{name: data[name] for name in names})
+        return cls(**{name: data[name] for name in names if name in data})

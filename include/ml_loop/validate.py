@@ -416,11 +416,12 @@ def validate_window(
     run_date: str | dt.date,
     root: str | Path | None = None,
 ) -> list[ValidatedRef]:
-    """Validate every partition of a training window, raising only for the run's own date.
+    """Validate every partition of a training window, raising only for the run's own batch.
 
-    A ``DataValidationError`` on the partition dated ``run_date`` is raised. Earlier partitions
-    that fail are skipped with a WARNING naming the date and the reason, so one bad day does not
-    block training on the rest of the window. Other errors are raised for every date.
+    A ``DataValidationError`` on the regular partition dated ``run_date`` is raised. Earlier
+    partitions, and feedback partitions of any date, that fail are skipped with a WARNING naming
+    the date and the reason, so one bad batch does not block training on the rest of the window.
+    Other errors are raised for every date.
     """
     run_day = run_date.isoformat() if isinstance(run_date, dt.date) else str(run_date)
     validated = []
@@ -428,7 +429,8 @@ def validate_window(
         try:
             validated.append(validate_partition(spec, partition, root))
         except DataValidationError as err:
-            if partition.get("partition_date") == run_day:
+            is_feedback = partition.get("source") == "feedback"
+            if partition.get("partition_date") == run_day and not is_feedback:
                 raise
             logger.warning(
                 "skipping partition %s of %s from the window of run date %s: %s",

@@ -257,3 +257,32 @@ def test_partition_ref_round_trip(data_root, cancer, cancer_records):
 def test_partition_ref_missing_key_rejected():
     with pytest.raises(ValueError, match="content_hash"):
         PartitionRef.from_dict({"dataset": "digits", "partition_date": "2026-12-04"})
+
+
+def land_feedback(data_root: Path, spec, records, day: dt.date) -> Path:
+    """Land a batch the regular way, then move it to the feedback area of the same day."""
+    landed = land(spec, records, day)
+    target = data_root / "landing_feedback" / spec.dataset.name / day.isoformat()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    landed.rename(target)
+    return target
+
+
+def test_ingest_window_reads_feedback_before_regular(data_root, cancer, cancer_records):
+    land_feedback(data_root, cancer, cancer_records, DAY)
+    land_feedback(data_root, cancer, cancer_records, days_before(DAY, 1))
+    land(cancer, cancer_records, days_before(DAY, 1))
+    land(cancer, cancer_records, DAY)
+    refs = ingest_window(cancer, DAY, 2)
+    assert [(ref.partition_date, ref.source) for ref in refs] == [
+        ("2026-12-03", "feedback"),
+        ("2026-12-03", "landing"),
+        ("2026-12-04", "feedback"),
+        ("2026-12-04", "landing"),
+    ]
+
+
+def test_ingest_window_feedback_alone_does_not_count_as_run_date(data_root, cancer, cancer_records):
+    land_feedback(data_root, cancer, cancer_records, DAY)
+    with pytest.raises(PartitionNotFoundError, match="2026-12-04"):
+        ingest_window(cancer, DAY, 1)

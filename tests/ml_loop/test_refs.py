@@ -15,6 +15,7 @@ PARTITION = {
     "file_count": 3,
     "bytes": 120,
     "content_hash": "abc",
+    "source": "landing",
 }
 
 
@@ -25,6 +26,11 @@ def test_ref_roundtrip() -> None:
 
 def test_ref_ignores_extra_keys() -> None:
     assert PartitionRef.from_dict({**PARTITION, "note": "x"}).to_dict() == PARTITION
+
+
+def test_ref_fills_defaulted_fields() -> None:
+    without_source = {key: value for key, value in PARTITION.items() if key != "source"}
+    assert PartitionRef.from_dict(without_source).source == "landing"
 
 
 def test_ref_missing_keys_named() -> None:

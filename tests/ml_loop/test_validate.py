@@ -351,6 +351,22 @@ def test_window_raises_on_run_date(tmp_path):
         validate.validate_window(spec, [earlier, today], DAY, tmp_path)
 
 
+def test_window_skips_failed_feedback_on_run_date(tmp_path, caplog):
+    spec = tiny_digits(min_rows=3)
+    feedback = {
+        **ref_for(spec, image_partition(tmp_path / "feedback", DAY, count=1), DAY),
+        "source": "feedback",
+    }
+    today = ref_for(spec, image_partition(tmp_path, DAY, count=4), DAY)
+
+    with caplog.at_level(logging.WARNING, logger="ml_loop.validate"):
+        refs = validate.validate_window(spec, [feedback, today], DAY, tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    assert [ref.raw_hash for ref in refs] == [today["content_hash"]]
+    assert len(warnings) == 1
+
+
 def test_partition_ref_unsafe_hash(tmp_path):
     spec = tiny_digits()
     partition = {**ref_for(spec, image_partition(tmp_path)), "content_hash": "../../escape"}
