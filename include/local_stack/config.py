@@ -7,7 +7,9 @@ Everything the stack writes lives under one state folder (default ``<repo>/.stac
     mlflow/             mlflow.db (SQLite backend store) and artifacts/ (served by the server)
     data/               ML_LOOP_DATA_DIR: landing/, raw/, validated/, processed/, snapshots/
     logs/<service>.log  stdout and stderr of each service the stack started
-    secrets/            jwt_secret and api_secret_key, each readable by the owner only
+    data/predictions/   prediction log of the model servers (ML_LOOP_PREDICTION_LOG_DIR)
+    secrets/            jwt_secret, api_secret_key and serving_token, each readable by the owner
+                        only
     stack.lock          pid of the running stack, locked while it runs
     processes.json      process groups of the running stack's services
 
@@ -18,6 +20,12 @@ Ports come from environment variables, each with a default:
     ML_LOOP_SERVING_PORT        8000  model server of the first spec; the next spec gets port + 1
     ML_LOOP_WORKER_LOG_PORT     8793  log server of the scheduler's LocalExecutor workers
     ML_LOOP_TRIGGERER_LOG_PORT  8794  log server of the triggerer
+
+The model servers require ``Authorization: Bearer <token>`` on every endpoint except ``/health``
+and ``/ready``; the token is ``secrets/serving_token``, and the Airflow connections
+``model_server_<spec>`` carry it as their password. ``airflow pools set gpu`` runs after the
+database migration with ``$ML_LOOP_GPU_SLOTS`` slots (default 1), so training tasks that ask for a
+GPU have their pool.
 
 Every service needs a port of its own, so ``StackConfig`` rejects settings where two share one,
 for example ``ML_LOOP_MLFLOW_PORT`` equal to ``ML_LOOP_SERVING_PORT + 1``.
@@ -41,6 +49,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 STATE_DIR_ENV = "ML_LOOP_STATE_DIR"
+GPU_SLOTS_ENV = "ML_LOOP_GPU_SLOTS"
+DEFAULT_GPU_SLOTS = 1
+GPU_POOL = "gpu"
+SERVING_TOKEN_SECRET = "serving_token"
+SECRET_NAMES = ("jwt_secret", "api_secret_key", SERVING_TOKEN_SECRET)
 STARTUP_TIMEOUT_ENV = "ML_LOOP_STARTUP_TIMEOUT_S"
 DEFAULT_STARTUP_TIMEOUT_S = 240.0
 
@@ -76,6 +89,8 @@ AIRFLOW_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
 # Runs before the Airflow services (it creates or upgrades the metadata database), while MLflow
 # starts beside it.
 MIGRATE_SERVICE = "airflow-db-migrate"
+# Runs after the migration, beside the Airflow services, and creates or updates the GPU pool.
+GPU_POOL_SERVICE = "airflow-pools-set-gpu"
 MLFLOW_SERVICE = "mlflow"
 MODEL_SERVER_PREFIX = "model-server-"
 # Specs listed here get the first serving ports in this order; any other spec follows in
@@ -186,6 +201,7 @@ class StackConfig:
     worker_log_port: int
     triggerer_log_port: int
     startup_timeout_s: float
+    gpu_slots: int
     services: tuple[str | ServiceSpec, ...]
     serving_specs: tuple[tuple[str, str], ...]
     base_environ: Mapping[str, str]
@@ -231,6 +247,7 @@ class StackConfig:
             worker_log_port=ports[WORKER_LOG_PORT_ENV],
             triggerer_log_port=ports[TRIGGERER_LOG_PORT_ENV],
             startup_timeout_s=_read_timeout(environ),
+            gpu_slots=_read_gpu_slots(environ),
             services=tuple(services),
             serving_specs=serving_specs,
             base_environ=environ,
@@ -251,6 +268,19 @@ class StackConfig:
     @property
     def secrets_dir(self) -> Path:
         return self.state_dir / "secrets"
+
+    @property
+    def serving_token_file(self) -> Path:
+        """File with the model servers' bearer token; ``prepare_state`` writes it."""
+        return self.secrets_dir / SERVING_TOKEN_SECRET
+
+    @property
+    def prediction_log_dir(self) -> Path:
+        return self.data_dir / "predictions"
+
+    def serving_token(self) -> str:
+        """Return the model servers' bearer token; it is a secret, so never log it."""
+        return self._secret(SERVING_TOKEN_SECRET)
 
     @property
     def password_file(self) -> Path:
@@ -325,7 +355,7 @@ class StackConfig:
             _write_private(
                 self.password_file, json.dumps({ADMIN_USER: secrets.token_urlsafe(16)}) + "\n"
             )
-        for name in ("jwt_secret", "api_secret_key"):
+        for name in SECRET_NAMES:
             path = self.secrets_dir / name
             if not path.exists():
                 _write_private(path, secrets.token_urlsafe(48))
@@ -345,10 +375,14 @@ class StackConfig:
     def env(self) -> dict[str, str]:
         """Return the environment of every service, task and ``airflow`` CLI call of this stack.
 
-        It contains secrets (the JWT secret and the API secret key): pass it to subprocesses,
-        never log it.
+        It contains secrets (the JWT secret, the API secret key and, as the password of the
+        model server connections, the serving token): pass it to subprocesses, never log it.
         """
         env = dict(self.base_environ)
+        # The stack's model servers read their token from the file set in their own spec, so a
+        # token in the caller's environment would conflict with it.
+        for name in ("ML_LOOP_SERVING_TOKEN", "ML_LOOP_SERVING_TOKEN_FILE"):
+            env.pop(name, None)
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", os.defpath)])
         env.update(
@@ -364,8 +398,10 @@ class StackConfig:
                 **self._airflow_env(),
             }
         )
+        token = urllib.parse.quote(self.serving_token(), safe="")
         for name, _ in self.serving_specs:
-            env[f"AIRFLOW_CONN_MODEL_SERVER_{name.upper()}"] = self.serving_url(name)
+            host = f"{HOST}:{self.serving_port_for(name)}"
+            env[f"AIRFLOW_CONN_MODEL_SERVER_{name.upper()}"] = f"http://:{token}@{host}"
         return env
 
     def _airflow_env(self) -> dict[str, str]:
@@ -402,8 +438,8 @@ class StackConfig:
     def service_specs(self) -> list[ServiceSpec]:
         """Resolve ``services`` into specs, in the order they were listed.
 
-        When the list contains an Airflow service, ``airflow db migrate`` comes first and every
-        Airflow service starts after it.
+        When the list contains an Airflow service, ``airflow db migrate`` comes first, every
+        Airflow service starts after it, and ``airflow pools set gpu`` runs after it too.
         """
         known = self._known_services()
         specs = []
@@ -417,7 +453,7 @@ class StackConfig:
                     f"unknown service {service!r}; known services: {', '.join(known)}"
                 )
         if any(spec.name in AIRFLOW_SERVICES for spec in specs):
-            specs.insert(0, known[MIGRATE_SERVICE])
+            specs[0:0] = [known[MIGRATE_SERVICE], known[GPU_POOL_SERVICE]]
         return specs
 
     def _known_services(self) -> dict[str, ServiceSpec]:
@@ -460,6 +496,20 @@ class StackConfig:
                 one_shot=True,
             )
         }
+        services[GPU_POOL_SERVICE] = ServiceSpec(
+            name=GPU_POOL_SERVICE,
+            argv=(
+                "airflow",
+                "pools",
+                "set",
+                GPU_POOL,
+                str(self.gpu_slots),
+                "GPU slots for training tasks",
+            ),
+            after=(MIGRATE_SERVICE,),
+            timeout_s=self.startup_timeout_s,
+            one_shot=True,
+        )
         for name, spec in airflow.items():
             services[name] = dataclasses.replace(
                 spec, after=(MIGRATE_SERVICE,), timeout_s=self.startup_timeout_s
@@ -505,7 +555,10 @@ class StackConfig:
                     HOST,
                     "--port",
                     str(port),
+                    "--prediction-log-dir",
+                    str(self.prediction_log_dir),
                 ),
+                env={"ML_LOOP_SERVING_TOKEN_FILE": str(self.serving_token_file)},
                 # /health returns 200 without a model too, because before the first training
                 # run there is no champion to serve (``/ready`` returns 200 once one is loaded).
                 ready=HttpCheck(f"http://{HOST}:{port}/health"),
@@ -543,6 +596,21 @@ def _read_timeout(environ: Mapping[str, str]) -> float:
         ) from err
     if value <= 0:
         raise StackConfigError(f"invalid {STARTUP_TIMEOUT_ENV}={raw!r}: expected more than 0")
+    return value
+
+
+def _read_gpu_slots(environ: Mapping[str, str]) -> int:
+    raw = environ.get(GPU_SLOTS_ENV)
+    if not raw:
+        return DEFAULT_GPU_SLOTS
+    try:
+        value = int(raw)
+    except ValueError as err:
+        raise StackConfigError(
+            f"invalid {GPU_SLOTS_ENV}={raw!r}: expected a whole number of GPU slots, such as 1"
+        ) from err
+    if value < 0:
+        raise StackConfigError(f"invalid {GPU_SLOTS_ENV}={raw!r}: expected 0 or more")
     return value
 
 

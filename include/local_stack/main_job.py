@@ -223,14 +223,14 @@ def _held_out_image(landing_dir: Path) -> Path:
     raise MainJobError(f"none of the {len(images)} images under {landing_dir} is in the test split")
 
 
-def check_prediction(url: str, payload_path: Path) -> str:
+def check_prediction(url: str, payload_path: Path, token: str | None = None) -> str:
     """POST the sample request to the model server; describe its prediction or the error."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     try:
         response = httpx.post(
-            url,
-            content=payload_path.read_bytes(),
-            headers={"Content-Type": "application/json"},
-            timeout=HTTP_TIMEOUT_S,
+            url, content=payload_path.read_bytes(), headers=headers, timeout=HTTP_TIMEOUT_S
         )
         body = response.json() if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError) as err:
@@ -377,15 +377,16 @@ def _report(stack: LocalStack, state: str, client: AirflowClient, run_id: str) -
         config.data_dir, config.state_dir / "requests" / f"{MAIN_SPEC}-sample.json"
     )
     predict_url = serving_url + PREDICT_PATH
+    # The command reads the token from its file when it runs, so the token is never printed.
+    token_file = shlex.quote(str(config.serving_token_file))
     curl = (
         f"curl -s -X POST {predict_url} -H 'Content-Type: application/json' "
+        f'-H "Authorization: Bearer $(cat {token_file})" '
         f"-d @{shlex.quote(str(payload_path))}"
     )
     lines.append(f"Prediction  {curl}")
-    lines.append(
-        f"            (a held-out image of a {label}; "
-        f"{check_prediction(predict_url, payload_path)})"
-    )
+    outcome = check_prediction(predict_url, payload_path, config.serving_token())
+    lines.append(f"            (a held-out image of a {label}; {outcome})")
     print("\n".join(lines), flush=True)
     return report
 

@@ -97,11 +97,22 @@ def register_step(
 
 
 def deploy_step(
-    spec: PipelineSpec, registration: Ref, evaluation: Ref, snapshot: Ref, serving_url: str
+    spec: PipelineSpec,
+    registration: Ref,
+    evaluation: Ref,
+    snapshot: Ref,
+    serving_url: str,
+    serving_token: str | None = None,
 ) -> Ref:
     from ml_loop.deploy import deploy_champion
 
-    return deploy_champion(serving_url, registration, evaluation["smoke_samples"], snapshot["uri"])
+    return deploy_champion(
+        serving_url,
+        registration,
+        evaluation["smoke_samples"],
+        snapshot["uri"],
+        token=serving_token,
+    )
 
 
 def run_pipeline(

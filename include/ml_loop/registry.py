@@ -49,6 +49,9 @@ CHAMPION_ACCURACY_TAG = "ml_loop.champion_accuracy"
 CHAMPION_VERSION_TAG = "ml_loop.champion_version"
 REPLACED_VERSION_TAG = "ml_loop.replaced_version"
 ROLLED_BACK_TAG = "ml_loop.rolled_back"
+# Outcome of a canary deploy ("promoted" or "rolled_back") and, for a rollback, its reason.
+CANARY_TAG = "ml_loop.canary"
+CANARY_REASON_TAG = "ml_loop.canary_reason"
 # Last partition date of the snapshot a version was trained on; the gate keeps a champion
 # trained on newer data.
 DATA_WINDOW_END_TAG = "ml_loop.data_window_end"
@@ -97,6 +100,7 @@ def register_candidate(
     evaluation: dict[str, Any],
     *,
     force_promote: bool = False,
+    promote_on_pass: bool = True,
     tags: dict[str, Any] | None = None,
     tracking_uri: str | None = None,
 ) -> Registration:
@@ -105,8 +109,10 @@ def register_candidate(
     A retry or rerun for the same run id finds the version made the first time and returns it
     instead of creating a second version. Its gate tags and aliases are set again, and the
     ``tags`` given when it was created are kept. The version is
-    promoted to ``champion`` when ``evaluation["passed"]`` is true or ``force_promote`` is set;
-    the champion it replaces becomes ``previous``.
+    promoted to ``champion`` when ``evaluation["passed"]`` is true (and ``promote_on_pass`` is
+    set) or ``force_promote`` is set; the champion it replaces becomes ``previous``. A canary
+    deploy registers with ``promote_on_pass=False`` and promotes after the canary with
+    ``promote``.
 
     Raises ModelIntegrityError when the run has no ``ml_loop.weights_sha256`` tag, or when that
     tag differs from ``train_result["weights_sha256"]``.
@@ -138,7 +144,7 @@ def register_candidate(
         existing = client.get_model_version(model_name, version).tags
         provenance = {key: value for key, value in provenance.items() if key not in existing}
 
-    promote = passed or force_promote
+    promote = (passed and promote_on_pass) or force_promote
     forced = force_promote and not passed
     if passed:
         gate = "passed"
@@ -301,6 +307,15 @@ def _promote(client: MlflowClient, model_name: str, version: str) -> str | None:
         client.set_model_version_tag(model_name, version, REPLACED_VERSION_TAG, current)
     client.set_registered_model_alias(model_name, CHAMPION, version)
     return current
+
+
+def promote(model_name: str, version: str, tracking_uri: str | None = None) -> str | None:
+    """Point ``champion`` at ``version`` and ``previous`` at the champion it replaces.
+
+    Returns the replaced champion, or None when there was none. Promoting the current champion
+    again changes nothing.
+    """
+    return _promote(_client(tracking_uri), model_name, str(version))
 
 
 def get_alias_version(model_name: str, alias: str, tracking_uri: str | None = None) -> str | None:

@@ -154,12 +154,23 @@ def test_served_prediction_matches_offline(stack: LocalStack, two_runs: dict) ->
     response = httpx.post(
         f"{stack.config.serving_url('digits')}/invocations",
         json={"inputs": images.tolist()},
+        headers={"Authorization": f"Bearer {stack.config.serving_token()}"},
         timeout=30,
     )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_version"] == version.version
     assert body["predictions"] == [config["classes"][index] for index in offline]
+
+
+def test_served_prediction_needs_the_token(stack: LocalStack, two_runs: dict) -> None:
+    response = httpx.post(
+        f"{stack.config.serving_url('digits')}/invocations",
+        json={"inputs": [[[[0.0] * 28] * 28]]},
+        timeout=30,
+    )
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
 def test_wrong_param_type_rejected(stack: LocalStack, two_runs: dict) -> None:

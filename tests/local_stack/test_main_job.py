@@ -480,6 +480,8 @@ def test_run_once_trains_once_per_invocation(
     assert first["serving_url"] == config.serving_url("digits")
     assert f"password {config.admin_password()}" in output
     assert f"curl -s -X POST {config.serving_url('digits')}/invocations" in output
+    assert f'-H "Authorization: Bearer $(cat {config.serving_token_file})"' in output
+    assert config.serving_token() not in output
 
     payload_path = config.state_dir / "requests" / "digits-sample.json"
     image = json.loads(payload_path.read_text())["inputs"]

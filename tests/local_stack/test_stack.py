@@ -371,8 +371,9 @@ def test_env_follows_ports(tmp_path: Path, make_config: ConfigFactory) -> None:
     env = config.env
     assert env["AIRFLOW__API__BASE_URL"] == "http://127.0.0.1:18123"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:18123/execution/"
-    assert env["AIRFLOW_CONN_MODEL_SERVER_DIGITS"] == "http://127.0.0.1:18200"
-    assert env["AIRFLOW_CONN_MODEL_SERVER_BREAST_CANCER"] == "http://127.0.0.1:18201"
+    token = config.serving_token()
+    assert env["AIRFLOW_CONN_MODEL_SERVER_DIGITS"] == f"http://:{token}@127.0.0.1:18200"
+    assert env["AIRFLOW_CONN_MODEL_SERVER_BREAST_CANCER"] == f"http://:{token}@127.0.0.1:18201"
     assert env["AIRFLOW_HOME"] == str(config.state_dir / "airflow")
     assert env["ML_LOOP_DATA_DIR"] == str(config.state_dir / "data")
     assert env["AIRFLOW__CORE__DAGS_FOLDER"] == str(tmp_path / "dags")
@@ -381,6 +382,52 @@ def test_env_follows_ports(tmp_path: Path, make_config: ConfigFactory) -> None:
         str(REPO_ROOT / "include"),
         str(REPO_ROOT / "plugins"),
     ]
+
+
+def test_model_server_gets_token_and_log(make_config: ConfigFactory) -> None:
+    config = make_config(["model-server-digits"], ML_LOOP_SERVING_TOKEN="x" * 32)
+    config.prepare_state()
+    (spec,) = config.service_specs()
+
+    token_file = config.secrets_dir / "serving_token"
+    assert spec.env == {"ML_LOOP_SERVING_TOKEN_FILE": str(token_file)}
+    assert "ML_LOOP_SERVING_TOKEN" not in config.env
+    assert spec.argv[-2:] == ("--prediction-log-dir", str(config.data_dir / "predictions"))
+    assert len(config.serving_token()) >= 32
+    assert token_file.stat().st_mode & 0o077 == 0
+    assert config.serving_token() not in " ".join(spec.argv)
+
+
+def test_connection_carries_token(make_config: ConfigFactory) -> None:
+    from airflow.models.connection import Connection
+
+    config = make_config([])
+    config.prepare_state()
+
+    conn = Connection(uri=config.env["AIRFLOW_CONN_MODEL_SERVER_DIGITS"])
+
+    assert conn.password == config.serving_token()
+    assert conn.host == "127.0.0.1"
+    assert conn.port == config.serving_port_for("digits")
+
+
+def test_gpu_pool_after_migrate(make_config: ConfigFactory) -> None:
+    config = make_config(["scheduler"], ML_LOOP_GPU_SLOTS="3")
+
+    names = [spec.name for spec in config.service_specs()]
+    pool = config.service_specs()[1]
+
+    assert names == ["airflow-db-migrate", "airflow-pools-set-gpu", "scheduler"]
+    assert pool.argv == ("airflow", "pools", "set", "gpu", "3", "GPU slots for training tasks")
+    assert pool.after == ("airflow-db-migrate",)
+    assert pool.one_shot is True
+    assert make_config(["scheduler"]).gpu_slots == 1
+
+
+@pytest.mark.parametrize("value", ["two", "-1", "1.5"])
+def test_invalid_gpu_slots_rejected(make_config: ConfigFactory, value: str) -> None:
+    with pytest.raises(StackConfigError, match=f"invalid ML_LOOP_GPU_SLOTS={value!r}"):
+        make_config([], ML_LOOP_GPU_SLOTS=value)
 
 
 def test_state_dir_from_env(tmp_path: Path) -> None:
@@ -519,7 +566,9 @@ def test_stack_runs_dag_through_scheduler(tmp_path: Path, make_config: ConfigFac
 
         value = client.xcom("stack_smoke", run_id, "read_env")
         assert value["data_dir"] == str(config.data_dir)
-        assert value["model_server"] == config.serving_url("digits")
+        assert value["model_server"] == config.env["AIRFLOW_CONN_MODEL_SERVER_DIGITS"]
+        pools = json.loads(stack.airflow_cli("pools", "get", "gpu", "-o", "json").stdout)
+        assert str(pools[0]["slots"]) == "1"
         assert value["mlflow_status"] == 200
         assert value["epochs"] == 5
         states = {ti["task_id"]: ti["state"] for ti in client.task_instances("stack_smoke", run_id)}

@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,12 +30,19 @@ SMOKE_IDS = ["r0", "r3", "r5", "r6"]
 
 
 def register_run(
-    tracking_uri: str, model_name: str, tmp_path: Path, seed: int, *, tamper: bool = False
+    tracking_uri: str,
+    model_name: str,
+    tmp_path: Path,
+    seed: int,
+    *,
+    tamper: bool = False,
+    promote: bool = True,
 ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Log a run with real weights and register it with a passing gate.
 
     Returns the registration dict and the model. With ``tamper``, the uploaded state_dict is
-    another model's while the SHA-256 tag keeps the original's.
+    another model's while the SHA-256 tag keeps the original's. With ``promote`` false, the
+    version becomes only the challenger, as a canary deploy needs.
     """
     torch.manual_seed(seed)
     model = models.build_model(CONFIG).eval()
@@ -49,7 +57,7 @@ def register_run(
     client.set_tag(run_id, models.WEIGHTS_SHA_TAG, sha)
     client.set_terminated(run_id)
     reg = registry.register_candidate(
-        model_name, {"run_id": run_id}, PASSED, tracking_uri=tracking_uri
+        model_name, {"run_id": run_id}, PASSED, promote_on_pass=promote, tracking_uri=tracking_uri
     )
     return reg.to_dict(), model
 
@@ -82,7 +90,9 @@ def smoke_samples(model: torch.nn.Module, x: np.ndarray, ids: list[str]) -> list
 
 
 @contextlib.contextmanager
-def run_model_server(model_name: str, tracking_uri: str, log_dir: Path) -> Iterator[str]:
+def run_model_server(
+    model_name: str, tracking_uri: str, log_dir: Path, token: str | None = None
+) -> Iterator[str]:
     """Start ``python -m ml_loop.serving`` that checks only on POST /reload; stop it by its pid."""
     port = free_port()
     log_path = log_dir / f"serving-{model_name}.log"
@@ -98,6 +108,7 @@ def run_model_server(model_name: str, tracking_uri: str, log_dir: Path) -> Itera
         "3600",
         "--torch-threads",
         "1",
+        "--no-prediction-log",
     ]
     env = {
         **os.environ,
@@ -105,6 +116,10 @@ def run_model_server(model_name: str, tracking_uri: str, log_dir: Path) -> Itera
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "PYTHONPATH": str(REPO_ROOT / "include"),
     }
+    env.pop("ML_LOOP_SERVING_TOKEN_FILE", None)
+    env.pop("ML_LOOP_SERVING_TOKEN", None)
+    if token is not None:
+        env["ML_LOOP_SERVING_TOKEN"] = token
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -262,3 +277,160 @@ def test_deploy_not_promoted_does_nothing() -> None:
     result = deploy.deploy_champion(closed_url, reg, [], "/nonexistent")
 
     assert result == {"serving_url": closed_url, "served_version": None}
+
+
+TOKEN = "deploy-token-" + "z" * 24
+
+
+def test_deploy_sends_token(mlflow_tracking: str, tmp_path: Path) -> None:
+    model_name = f"deploy-auth-{uuid.uuid4().hex[:8]}"
+    reg, model = register_run(mlflow_tracking, model_name, tmp_path, seed=110)
+    snapshot, x, ids = write_snapshot(tmp_path)
+
+    with run_model_server(model_name, mlflow_tracking, tmp_path, token=TOKEN) as url:
+        result = deploy.deploy_champion(
+            url, reg, smoke_samples(model, x, ids), str(snapshot), token=TOKEN
+        )
+
+    assert result["served_version"] == reg["version"]
+
+
+def test_deploy_without_token_fails(mlflow_tracking: str, tmp_path: Path) -> None:
+    model_name = f"deploy-noauth-{uuid.uuid4().hex[:8]}"
+    reg, model = register_run(mlflow_tracking, model_name, tmp_path, seed=111)
+    snapshot, x, ids = write_snapshot(tmp_path)
+
+    with (
+        run_model_server(model_name, mlflow_tracking, tmp_path, token=TOKEN) as url,
+        pytest.raises(DeployError, match="401") as caught,
+    ):
+        deploy.deploy_champion(url, reg, smoke_samples(model, x, ids), str(snapshot))
+
+    assert TOKEN not in str(caught.value)
+
+
+class Traffic:
+    """Send scoring requests from a thread until stopped; record every status code."""
+
+    def __init__(self, url: str, token: str | None = None) -> None:
+        self.url = url
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._send)
+
+    def _send(self) -> None:
+        rng = np.random.default_rng(9)
+        with httpx.Client(base_url=self.url, timeout=30, headers=self.headers) as client:
+            while not self._stop.is_set():
+                rows = (rng.random((4, 4)) * 5).tolist()
+                self.statuses.append(client.post("/invocations", json={"inputs": rows}).status_code)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def test_canary_promotes(mlflow_tracking: str, tmp_path: Path) -> None:
+    model_name = f"canary-ok-{uuid.uuid4().hex[:8]}"
+    champion, _ = register_run(mlflow_tracking, model_name, tmp_path, seed=120)
+    candidate, _ = register_run(mlflow_tracking, model_name, tmp_path, seed=121, promote=False)
+
+    with run_model_server(model_name, mlflow_tracking, tmp_path, token=TOKEN) as url:
+        assert httpx.post(f"{url}/reload", headers={"Authorization": f"Bearer {TOKEN}"}).is_success
+        with Traffic(url, TOKEN) as traffic:
+            result = deploy.canary_deploy(
+                url,
+                candidate,
+                share=0.5,
+                min_requests=20,
+                max_error_rate_increase=0.0,
+                max_latency_ratio=None,
+                poll_interval_s=0.2,
+                timeout_s=120,
+                token=TOKEN,
+            )
+        state = httpx.get(f"{url}/canary", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        served = httpx.get(f"{url}/version", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+
+    tags = MlflowClient(mlflow_tracking).get_model_version(model_name, candidate["version"]).tags
+    window = result["window"]
+    assert result["decision"] == "promoted"
+    assert result["served_version"] == candidate["version"]
+    assert window["challenger"]["requests"] >= 20
+    assert window["champion"]["requests"] >= 19
+    assert window["challenger"]["errors"] == 0
+    assert 0 <= window["agreement"] <= 1
+    assert set(traffic.statuses) == {200}
+    assert (
+        registry.get_alias_version(model_name, "champion", mlflow_tracking) == candidate["version"]
+    )
+    assert (
+        registry.get_alias_version(model_name, "previous", mlflow_tracking) == champion["version"]
+    )
+    assert served["version"] == candidate["version"]
+    assert state["enabled"] is False
+    assert tags[registry.CANARY_TAG] == "promoted"
+
+
+def test_canary_too_few_requests(mlflow_tracking: str, tmp_path: Path) -> None:
+    model_name = f"canary-idle-{uuid.uuid4().hex[:8]}"
+    champion, _ = register_run(mlflow_tracking, model_name, tmp_path, seed=130)
+    candidate, _ = register_run(mlflow_tracking, model_name, tmp_path, seed=131, promote=False)
+
+    with run_model_server(model_name, mlflow_tracking, tmp_path) as url:
+        httpx.post(f"{url}/reload", timeout=60)
+        result = deploy.canary_deploy(
+            url, candidate, share=0.5, min_requests=5, timeout_s=1, poll_interval_s=0.2
+        )
+        state = httpx.get(f"{url}/canary").json()
+
+    tags = MlflowClient(mlflow_tracking).get_model_version(model_name, candidate["version"]).tags
+    assert result["decision"] == "rolled_back"
+    assert result["served_version"] == champion["version"]
+    assert "fewer than the 5 required" in result["reasons"][0]
+    assert (
+        registry.get_alias_version(model_name, "champion", mlflow_tracking) == champion["version"]
+    )
+    assert state["enabled"] is False
+    assert tags[registry.CANARY_TAG] == "rolled_back"
+    assert "fewer than the 5 required" in tags[registry.CANARY_REASON_TAG]
+
+
+def test_canary_tampered_challenger(mlflow_tracking: str, tmp_path: Path) -> None:
+    model_name = f"canary-bad-{uuid.uuid4().hex[:8]}"
+    champion, _ = register_run(mlflow_tracking, model_name, tmp_path, seed=140)
+    candidate, _ = register_run(
+        mlflow_tracking, model_name, tmp_path, seed=141, promote=False, tamper=True
+    )
+
+    with run_model_server(model_name, mlflow_tracking, tmp_path) as url:
+        httpx.post(f"{url}/reload", timeout=60)
+        with Traffic(url) as traffic:
+            result = deploy.canary_deploy(url, candidate, share=0.5, min_requests=5)
+        served = httpx.get(f"{url}/version").json()
+
+    assert result["decision"] == "rolled_back"
+    assert "could not load the challenger" in result["reasons"][0]
+    assert "ModelIntegrityError" in result["reasons"][0]
+    assert served["version"] == champion["version"]
+    assert set(traffic.statuses) <= {200}
+    assert (
+        registry.get_alias_version(model_name, "champion", mlflow_tracking) == champion["version"]
+    )
+
+
+def test_canary_needs_challenger(mlflow_tracking: str, tmp_path: Path) -> None:
+    model_name = f"canary-champ-{uuid.uuid4().hex[:8]}"
+    register_run(mlflow_tracking, model_name, tmp_path, seed=150)
+    reg, _ = register_run(mlflow_tracking, model_name, tmp_path, seed=151)
+    closed_url = f"http://127.0.0.1:{free_port()}"
+
+    with pytest.raises(DeployError, match="is already the champion"):
+        deploy.canary_deploy(closed_url, reg, share=0.1)
+    with pytest.raises(DeployError, match="share=0 is invalid"):
+        deploy.canary_deploy(closed_url, reg, share=0)
