@@ -169,6 +169,72 @@ class ComputeSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class DriftThresholds:
+    """Limits beyond which the monitor reports drift or an accuracy drop.
+
+    ``psi``: a feature drifts when its population stability index against the reference is above
+    this value and its KS p-value is below ``ks_pvalue``. Both must agree, because the KS test
+    rejects tiny shifts on thousands of rows and PSI is noisy on a few dozen.
+    ``drift_share``: data drift is reported when at least this share of the features drifts (the
+    spec's columns for tabular data, the per-image statistics and row and column profiles for
+    images).
+    ``image_histogram_psi``: PSI of the pooled pixel-intensity histogram above which images drift.
+    ``image_statistic_psi``: PSI of the per-image mean intensity or ink fraction above which
+    images drift.
+    ``prediction_js``: Jensen-Shannon distance (base 2, from 0 to 1) between the reference class
+    frequencies and the live predicted class frequencies above which predictions drift.
+    ``accuracy_drop``: live accuracy this far below the champion's offline test accuracy is an
+    accuracy drop.
+    """
+
+    psi: float = 0.2
+    ks_pvalue: float = 0.01
+    drift_share: float = 0.3
+    image_histogram_psi: float = 0.2
+    image_statistic_psi: float = 0.2
+    prediction_js: float = 0.1
+    accuracy_drop: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardrailSpec:
+    """Limits on how often monitoring may request a retrain.
+
+    ``cooldown_hours``: hours after a request during which no new request is made.
+    ``max_retrains_per_day``: requests allowed in any 24 hours.
+    ``min_champion_age_hours``: a champion registered more recently than this is not judged.
+    """
+
+    cooldown_hours: float = 12.0
+    max_retrains_per_day: int = 2
+    min_champion_age_hours: float = 24.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitoringSpec:
+    """How the monitoring DAG watches the served champion and when it asks for a retrain.
+
+    ``schedule``: the monitoring DAG's schedule (a cron expression or preset).
+    ``window_hours``: hours of predictions, ending at the run's time, compared with the
+    reference for drift.
+    ``label_delay_hours``: how long after a prediction its label arrives. Live accuracy is
+    computed on the predictions of the window that ends this many hours before the run's time.
+    ``min_predictions``: fewer predictions in the window are too little traffic to judge drift.
+    ``min_labelled``: fewer labelled predictions are too few to judge accuracy.
+    ``psi_bins``: bins of the PSI histograms, cut at quantiles of the reference.
+    """
+
+    schedule: str = "@hourly"
+    window_hours: int = 24
+    label_delay_hours: int = 24
+    min_predictions: int = 200
+    min_labelled: int = 100
+    psi_bins: int = 10
+    thresholds: DriftThresholds = dataclasses.field(default_factory=DriftThresholds)
+    guardrails: GuardrailSpec = dataclasses.field(default_factory=GuardrailSpec)
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineSpec:
     name: str
     description: str
@@ -183,16 +249,19 @@ class PipelineSpec:
     gate: GateSpec
     source_path: Path
     compute: ComputeSpec = dataclasses.field(default_factory=ComputeSpec)
+    monitoring: MonitoringSpec = dataclasses.field(default_factory=MonitoringSpec)
 
     def digest(self) -> str:
         """Return a short SHA-256 of the spec's content, logged with every run.
 
         The ``compute`` section is left out: it says where training runs, not what it computes,
         so switching backends keeps the train key and a retry on another backend resumes from
-        the same checkpoint.
+        the same checkpoint. The ``monitoring`` section is left out for the same reason: it
+        says when to retrain, not what training computes.
         """
         data = to_dict(self)
         data.pop("compute", None)
+        data.pop("monitoring", None)
         payload = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(payload).hexdigest()[:12]
 
@@ -305,6 +374,7 @@ def _parse(raw: dict[str, Any], path: Path) -> PipelineSpec:
         gate=GateSpec(**raw["gate"]),
         source_path=path,
         compute=_parse_compute(raw.get("compute") or {}),
+        monitoring=_parse_monitoring(raw.get("monitoring") or {}),
     )
     RunConfig.from_params(spec, None)
     return spec
@@ -331,6 +401,48 @@ def _parse_compute(raw: dict[str, Any]) -> ComputeSpec:
             f"compute.dataloader_workers is {compute.dataloader_workers}; use 0 or more"
         )
     return compute
+
+
+def _parse_monitoring(raw: dict[str, Any]) -> MonitoringSpec:
+    """Build the monitoring section; a spec without one gets every default."""
+    raw = dict(raw)
+    thresholds = DriftThresholds(**(raw.pop("thresholds", None) or {}))
+    guardrails = GuardrailSpec(**(raw.pop("guardrails", None) or {}))
+    monitoring = MonitoringSpec(**raw, thresholds=thresholds, guardrails=guardrails)
+    rules = [
+        ("window_hours", monitoring.window_hours >= 1, "an integer of at least 1"),
+        ("label_delay_hours", monitoring.label_delay_hours >= 0, "an integer of at least 0"),
+        ("min_predictions", monitoring.min_predictions >= 1, "an integer of at least 1"),
+        ("min_labelled", monitoring.min_labelled >= 1, "an integer of at least 1"),
+        ("psi_bins", monitoring.psi_bins >= 2, "an integer of at least 2"),
+        ("thresholds.psi", thresholds.psi > 0, "a number above 0"),
+        ("thresholds.ks_pvalue", 0 < thresholds.ks_pvalue < 1, "a number between 0 and 1"),
+        ("thresholds.drift_share", 0 < thresholds.drift_share <= 1, "a number above 0, at most 1"),
+        (
+            "thresholds.prediction_js",
+            0 < thresholds.prediction_js <= 1,
+            "a number above 0, at most 1",
+        ),
+        ("thresholds.accuracy_drop", 0 <= thresholds.accuracy_drop < 1, "a number from 0 to 1"),
+        ("guardrails.cooldown_hours", guardrails.cooldown_hours >= 0, "a number of at least 0"),
+        (
+            "guardrails.max_retrains_per_day",
+            guardrails.max_retrains_per_day >= 1,
+            "an integer of at least 1",
+        ),
+        (
+            "guardrails.min_champion_age_hours",
+            guardrails.min_champion_age_hours >= 0,
+            "a number of at least 0",
+        ),
+    ]
+    for name, ok, expected in rules:
+        if not ok:
+            value = monitoring
+            for part in name.split("."):
+                value = getattr(value, part)
+            raise ValueError(f"monitoring.{name} is {value!r}; expected {expected}")
+    return monitoring
 
 
 def check_train_backend(backend: str) -> None:

@@ -12,7 +12,33 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted((REPO_ROOT / "dags").glob("*.py"))
-HEAVY_MODULES = ("torch", "mlflow", "great_expectations", "pandas", "sklearn", "PIL")
+HEAVY_MODULES = (
+    "torch",
+    "mlflow",
+    "great_expectations",
+    "pandas",
+    "sklearn",
+    "PIL",
+    "scipy",
+    "docker",
+    "kubernetes",
+)
+TRAINING_TASKS = {
+    "ingest",
+    "validate",
+    "process",
+    "store",
+    "train",
+    "evaluate",
+    "register",
+    "deploy",
+}
+MONITORING_TASKS = {
+    "compute_monitoring",
+    "materialize_feedback",
+    "decide_retraining",
+    "request_retraining",
+}
 
 # Parses one DAG file in a fresh interpreter with every way out blocked: a metadata DB
 # connection, a connection or variable lookup, and any socket. Prints one JSON line.
@@ -82,12 +108,11 @@ def parsed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return parse_in_subprocess(request.param, tmp_path_factory.mktemp("parse"))
 
 
-def test_dags_folder_has_one_dag_per_spec() -> None:
+def test_dags_folder_has_training_and_monitoring_per_spec() -> None:
     from ml_loop.spec import list_specs
 
-    assert sorted(path.stem for path in DAG_FILES) == sorted(
-        f"train_{name}" for name in list_specs()
-    )
+    expected = [f"{kind}_{name}" for name in list_specs() for kind in ("train", "monitor")]
+    assert sorted(path.stem for path in DAG_FILES) == sorted(expected)
 
 
 def test_dag_file_imports_without_errors(parsed: dict) -> None:
@@ -125,16 +150,8 @@ def test_dag_id_matches_file_name(parsed: dict) -> None:
 
 def test_dag_runs_every_stage(parsed: dict) -> None:
     (dag,) = parsed["dags"]
-    assert dag["tasks"].keys() == {
-        "ingest",
-        "validate",
-        "process",
-        "store",
-        "train",
-        "evaluate",
-        "register",
-        "deploy",
-    }
+    expected = TRAINING_TASKS if dag["dag_id"].startswith("train_") else MONITORING_TASKS
+    assert dag["tasks"].keys() == expected
 
 
 def test_parse_check_catches_connection_lookup(tmp_path: Path) -> None:
