@@ -18,8 +18,8 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ml_loop import models, train
-from ml_loop.errors import DataValidationError, MlLoopError, TrainingError
+from ml_loop import devices, models, train
+from ml_loop.errors import DataValidationError, MlLoopError, SpecError, TrainingError
 from ml_loop.files import sha256_file
 from ml_loop.spec import PipelineSpec, RunConfig, load_spec
 
@@ -530,3 +530,306 @@ def test_cli_rejects_bad_run_tag(capsys) -> None:
         train.main(["--spec", "digits", "--snapshot-uri", "x", "--run-tag", "no-separator"])
     assert excinfo.value.code == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.mlflow
+def test_train_records_device(trained) -> None:
+    tags = trained["run"].data.tags
+    assert tags[train.TRAIN_BACKEND_TAG] == "local"
+    assert tags[train.WORLD_SIZE_TAG] == "1"
+    assert tags["ml_loop.device_name"] == devices.cpu_model_name()
+    assert tags["ml_loop.device_count"] == "1"
+    assert tags["ml_loop.cuda_version"] == (torch.version.cuda or "none")
+    assert tags["ml_loop.torch_version"] == torch.__version__
+    assert tags["ml_loop.precision"] == "fp32"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU")
+@pytest.mark.mlflow
+def test_train_gpus_without_gpu(mlflow_tracking, tmp_path) -> None:
+    spec = unique_spec("digits")
+    # The snapshot does not exist: the GPU check must fail before anything reads it.
+    with pytest.raises(devices.GpuUnavailableError, match=r"^no GPU visible in the container"):
+        train.train_model(spec, tmp_path / "absent", run_config(spec), root=tmp_path, gpus=1)
+    assert MlflowClient().get_experiment_by_name(spec.name) is None
+
+
+@pytest.mark.mlflow
+def test_train_rejects_unknown_backend(mlflow_tracking, tmp_path) -> None:
+    spec = unique_spec("digits")
+    with pytest.raises(SpecError, match="slurm"):
+        train.train_model(
+            spec, tmp_path / "absent", run_config(spec), root=tmp_path, backend="slurm"
+        )
+    assert MlflowClient().get_experiment_by_name(spec.name) is None
+
+
+@pytest.mark.mlflow
+def test_train_rejects_negative_workers(mlflow_tracking, tmp_path) -> None:
+    spec = unique_spec("digits")
+    with pytest.raises(SpecError, match="dataloader_workers=-1"):
+        train.train_model(
+            spec, tmp_path / "absent", run_config(spec), root=tmp_path, dataloader_workers=-1
+        )
+
+
+@pytest.mark.mlflow
+def test_train_shared_memory_too_small(mlflow_tracking, tmp_path) -> None:
+    spec = unique_spec("digits")
+    config = run_config(spec, batch_size=65536)
+    batch_bytes = 65536 * (4 * 28 * 28 + 8)
+    stats = os.statvfs(devices.SHARED_MEMORY_PATH)
+    free = stats.f_bavail * stats.f_frsize
+    # Enough workers that the estimate is twice the free space of /dev/shm on this host.
+    per_worker = devices.shared_memory_estimate(1, batch_bytes)
+    workers = 2 * free // per_worker + 1
+    with pytest.raises(devices.SharedMemoryError, match="/dev/shm is too small"):
+        train.train_model(
+            spec, tmp_path / "absent", config, root=tmp_path, dataloader_workers=workers
+        )
+    assert MlflowClient().get_experiment_by_name(spec.name) is None
+
+
+@pytest.mark.mlflow
+def test_train_dataloader_workers(mlflow_tracking, tmp_path) -> None:
+    spec = unique_spec("breast_cancer")
+    x, y = tabular_data(160)
+    snapshot = write_snapshot(tmp_path, spec.dataset.name, x, y, split_codes(160))
+    config = run_config(spec, epochs=3)
+
+    loaded = train.train_model(spec, snapshot, config, root=tmp_path, dataloader_workers=2)
+    # Another spec name gives another train key, so this run trains again without workers.
+    in_memory_spec = dataclasses.replace(spec, name=f"{spec.name}-in-memory")
+    in_memory = train.train_model(
+        in_memory_spec, snapshot, config, root=tmp_path, dataloader_workers=0
+    )
+
+    assert set(loaded.metrics) == set(train.EPOCH_METRICS)
+    assert all(np.isfinite(value) for value in loaded.metrics.values())
+    assert MlflowClient().get_run(loaded.run_id).info.status == "FINISHED"
+    # The loader yields the same batches in the same order, so the runs match exactly.
+    assert loaded.metrics == in_memory.metrics
+    assert loaded.weights_sha256 == in_memory.weights_sha256
+
+
+def test_shard_equal_shares() -> None:
+    order = torch.randperm(11, generator=torch.Generator().manual_seed(0))
+    shares = [train._shard(order, rank, 3) for rank in range(3)]
+    assert [len(share) for share in shares] == [4, 4, 4]
+    assert set(torch.cat(shares).tolist()) == set(range(11))
+    assert torch.equal(torch.cat(shares).sort().values[:11], torch.arange(11))
+
+
+def test_shard_fewer_rows_than_processes() -> None:
+    shares = [train._shard(torch.tensor([5]), rank, 2) for rank in range(2)]
+    assert [share.tolist() for share in shares] == [[5], [5]]
+
+
+def test_cli_rejects_bad_gpus(capsys) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        train.main(["--spec", "digits", "--snapshot-uri", "x", "--gpus", "-2"])
+    assert excinfo.value.code == 2
+    assert "expected an integer of at least -1" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_workers(capsys) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        train.main(["--spec", "digits", "--snapshot-uri", "x", "--dataloader-workers", "two"])
+    assert excinfo.value.code == 2
+    assert "expected an integer of at least 0" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_backend(capsys) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        train.main(["--spec", "digits", "--snapshot-uri", "x", "--backend", "slurm"])
+    assert excinfo.value.code == 2
+    assert "invalid choice: 'slurm'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU")
+def test_cli_gpus_without_gpu(tmp_path) -> None:
+    request = {"backend": "docker", "device_requests": [{"count": 1, "capabilities": [["gpu"]]}]}
+    env = {
+        **subprocess_env("http://127.0.0.1:9"),
+        devices.DEVICE_REQUEST_ENV: json.dumps(request),
+        "NVIDIA_VISIBLE_DEVICES": "all",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "ml_loop.train",
+        "--spec",
+        "digits",
+        "--snapshot-uri",
+        str(tmp_path / "absent"),
+        "--gpus",
+        "1",
+    ]
+
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+    assert completed.returncode == 1
+    assert "GpuUnavailableError: no GPU visible in the container" in completed.stderr
+    assert '"backend": "docker"' in completed.stderr
+    assert "NVIDIA_VISIBLE_DEVICES='all'" in completed.stderr
+    assert completed.stdout == ""
+
+
+def torchrun_command(spec: PipelineSpec, snapshot: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "ml_loop.train",
+        "--spec",
+        str(spec.source_path),
+        "--snapshot-uri",
+        str(snapshot),
+        "--data-dir",
+        str(root),
+        *extra,
+    ]
+
+
+def json_lines(text: str) -> list[dict]:
+    """Return the lines of ``text`` that are JSON objects."""
+    objects = []
+    for line in text.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            objects.append(value)
+    return objects
+
+
+def torchrun_env(tracking_uri: str) -> dict[str, str]:
+    return {**subprocess_env(tracking_uri), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.mlflow
+def test_torchrun_two_processes(mlflow_tracking, tmp_path) -> None:
+    spec = load_spec(write_spec_file(unique_spec("digits"), tmp_path / "spec.yaml"))
+    x, y = image_data(120)
+    snapshot = write_snapshot(tmp_path, spec.dataset.name, x, y, split_codes(120))
+    command = torchrun_command(
+        spec, snapshot, tmp_path, "--epochs", "2", "--batch-size", "16", "--backend", "docker"
+    )
+    client = MlflowClient()
+
+    completed = subprocess.run(
+        command, env=torchrun_env(mlflow_tracking), capture_output=True, text=True, timeout=300
+    )
+
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    printed = json_lines(completed.stdout)
+    last = json.loads(completed.stdout.strip().splitlines()[-1])
+    experiment_id = client.get_experiment_by_name(spec.name).experiment_id
+    (run,) = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{train.TRAIN_KEY_TAG}` = '{last['train_key']}'"
+    )
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    # Rank 1 prints nothing on stdout, so rank 0's result is the only JSON line.
+    assert printed == [last]
+    assert train.TrainResult.from_dict(last).run_id == run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[train.WORLD_SIZE_TAG] == "2"
+    assert run.data.tags[train.TRAIN_BACKEND_TAG] == "docker"
+    assert run.data.tags[train.DEVICE_TAG] == "cpu"
+    assert sorted(metric.step for metric in history) == [1, 2]
+    assert all(np.isfinite(value) for value in last["metrics"].values())
+    assert not (tmp_path / "checkpoints" / last["train_key"]).exists()
+    model, _ = models.load_run_model(run.info.run_id, last["weights_sha256"])
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+    rerun = subprocess.run(
+        command, env=torchrun_env(mlflow_tracking), capture_output=True, text=True, timeout=300
+    )
+
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert json_lines(rerun.stdout) == [last]
+    assert len(client.search_runs([experiment_id])) == 1
+
+
+@pytest.mark.mlflow
+def test_torchrun_resumes_checkpoint(mlflow_tracking, tmp_path) -> None:
+    spec = load_spec(write_spec_file(unique_spec("breast_cancer"), tmp_path / "spec.yaml"))
+    x, y = tabular_data(160)
+    snapshot = write_snapshot(tmp_path, spec.dataset.name, x, y, split_codes(160))
+    config = run_config(spec, epochs=3)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_after_first_epoch(epoch, metrics):
+        if epoch == 1:
+            raise Interrupted
+
+    # One process writes the checkpoint of epoch 1; two processes resume from it.
+    with pytest.raises(Interrupted):
+        train.train_model(
+            spec, snapshot, config, root=tmp_path, on_epoch_end=interrupt_after_first_epoch
+        )
+    command = torchrun_command(spec, snapshot, tmp_path, "--epochs", "3", "--batch-size", "16")
+    completed = subprocess.run(
+        command, env=torchrun_env(mlflow_tracking), capture_output=True, text=True, timeout=300
+    )
+
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    result = train.TrainResult.from_dict(json.loads(completed.stdout.strip().splitlines()[-1]))
+    run = MlflowClient().get_run(result.run_id)
+    history = MlflowClient().get_metric_history(result.run_id, "val_loss")
+    assert result.resumed_from_epoch == 1
+    assert run.data.tags[train.WORLD_SIZE_TAG] == "2"
+    assert sorted(metric.step for metric in history) == [1, 2, 3]
+
+
+@pytest.mark.mlflow
+def test_torchrun_non_finite_loss(mlflow_tracking, tmp_path) -> None:
+    spec = load_spec(write_spec_file(unique_spec("breast_cancer"), tmp_path / "spec.yaml"))
+    x, y = tabular_data(160)
+    x[:5, 3] = np.nan
+    snapshot = write_snapshot(tmp_path, spec.dataset.name, x, y, split_codes(160))
+    command = torchrun_command(spec, snapshot, tmp_path, "--epochs", "2", "--batch-size", "16")
+
+    completed = subprocess.run(
+        command, env=torchrun_env(mlflow_tracking), capture_output=True, text=True, timeout=300
+    )
+
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name(spec.name).experiment_id])
+    # Every process stops on the all-reduced check, so none waits for the other.
+    assert completed.returncode != 0
+    assert completed.stderr.count("training loss is") >= 2
+    assert run.info.status == "FAILED"
+    assert models.WEIGHTS_SHA_TAG not in run.data.tags
+    assert json_lines(completed.stdout) == []
+
+
+@pytest.mark.mlflow
+def test_torchrun_rank_zero_error(mlflow_tracking, tmp_path) -> None:
+    spec = load_spec(write_spec_file(unique_spec("breast_cancer"), tmp_path / "spec.yaml"))
+    x, y = tabular_data(160)
+    snapshot = write_snapshot(tmp_path, spec.dataset.name, x, y, split_codes(160))
+    config = RunConfig.from_params(spec, {"epochs": 1, "batch_size": 16})
+    key = train.compute_train_key(spec, snapshot.name, config)
+    client = MlflowClient()
+    # A FINISHED run of the key without ml_loop.train's tags makes rank 0 raise at the start.
+    experiment_id = client.create_experiment(spec.name)
+    foreign = client.create_run(experiment_id, tags={train.TRAIN_KEY_TAG: key})
+    client.set_terminated(foreign.info.run_id, status="FINISHED")
+    command = torchrun_command(spec, snapshot, tmp_path, "--epochs", "1", "--batch-size", "16")
+
+    completed = subprocess.run(
+        command, env=torchrun_env(mlflow_tracking), capture_output=True, text=True, timeout=300
+    )
+
+    assert completed.returncode != 0
+    assert "lacks the tags" in completed.stderr
+    assert "rank 0 failed while looking up earlier runs of the train key" in completed.stderr
+    assert len(client.search_runs([experiment_id])) == 1
