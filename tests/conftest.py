@@ -1,4 +1,8 @@
-"""Session fixtures shared by the test suite: a real MLflow tracking server on 127.0.0.1."""
+"""Session fixtures shared by the test suite.
+
+A real MLflow tracking server on 127.0.0.1, and the Docker engine and training image of the
+container tests (see tests/containers.py).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import docker
 import pytest
 
+import containers
 from servers import free_port, wait_for_http
 
 
@@ -75,3 +81,34 @@ def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root.mkdir()
     monkeypatch.setenv("ML_LOOP_DATA_DIR", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> docker.DockerClient:
+    """A client of the Docker engine at ``DOCKER_HOST``; skips the test when none responds."""
+    client, reason = containers.connect_engine()
+    if client is None:
+        pytest.skip(reason)
+    return client
+
+
+@pytest.fixture(scope="session")
+def train_image(docker_engine: docker.DockerClient, request: pytest.FixtureRequest) -> str:
+    """The tag of a training image built from Dockerfile.train on a local Debian base.
+
+    The first session on a machine builds the base image, the wheelhouse and the image, which
+    takes minutes. Later sessions reuse them while Dockerfile.train, requirements-train.txt,
+    constraints.txt and the code under include/ are unchanged.
+    """
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+
+    def progress(message: str) -> None:
+        # Shown while the build runs, because pytest would only show logs of a failed test.
+        with capture.global_and_fixture_disabled():
+            sys.stderr.write(f"[train_image] {message}\n")
+            sys.stderr.flush()
+
+    try:
+        return containers.ensure_train_image(docker_engine, progress=progress)
+    except containers.PrerequisiteMissingError as err:
+        pytest.skip(str(err))
