@@ -4,6 +4,8 @@ evaluate, register, deploy.
 Each task unpacks its context, calls one step from ``ml_loop.pipeline`` and returns the small
 reference that step produced. The stage modules, and torch, mlflow, pandas and Great
 Expectations with them, are imported inside the task bodies, so parsing a DAG file stays fast.
+The train task is a ``TrainOperator``, which runs the train entry point locally, in a Docker
+container or in a Kubernetes pod, as the run's ``train_backend`` param selects.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 from airflow.sdk import DAG, Param, dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from ml_loop.spec import PipelineSpec, RunConfig, load_spec
+from ml_loop.spec import TRAIN_BACKENDS, PipelineSpec, RunConfig, load_spec
+from ml_loop_airflow.train_operator import BACKEND_PARAM, TrainOperator
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,15 @@ def build_params(spec: PipelineSpec) -> dict[str, Param]:
             title="Force promote",
             description="Move the champion alias to the new version even if the gate fails.",
         ),
+        BACKEND_PARAM: Param(
+            spec.compute.backend,
+            type="string",
+            enum=list(TRAIN_BACKENDS),
+            title="Train backend",
+            description="Where the train task runs: local (a subprocess of the Airflow worker), "
+            "docker (a container on the worker's Docker engine) or kubernetes (a pod). The "
+            "default is the spec's compute.backend.",
+        ),
     }
 
 
@@ -102,7 +114,12 @@ def _airflow_tags(context: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _serving_url(spec: PipelineSpec) -> str:
+def _serving_connection(spec: PipelineSpec) -> tuple[str, str | None]:
+    """Return the model server's URL and bearer token from the ``model_server_<spec>`` connection.
+
+    The token is the connection's password, for example
+    ``AIRFLOW_CONN_MODEL_SERVER_DIGITS=http://:TOKEN@127.0.0.1:8000``; None when it has none.
+    """
     from airflow.sdk import Connection
 
     conn_id = f"{SERVING_CONN_PREFIX}{spec.name}"
@@ -114,7 +131,7 @@ def _serving_url(spec: PipelineSpec) -> str:
             f"example AIRFLOW_CONN_{conn_id.upper()}=http://127.0.0.1:8000"
         )
     port = f":{conn.port}" if conn.port else ""
-    return f"{scheme}://{conn.host}{port}"
+    return f"{scheme}://{conn.host}{port}", conn.password or None
 
 
 def _data_root():
@@ -170,15 +187,6 @@ def store(processed: dict[str, Any], validated: dict[str, Any], **context: Any) 
 
 
 @task
-def train(snapshot: dict[str, Any], **context: Any) -> dict[str, Any]:
-    """Train on the snapshot with the run's params; retries resume from the last checkpoint."""
-    from ml_loop.pipeline import train_step
-
-    spec, config = _run_context(context)
-    return train_step(spec, snapshot, config, _data_root(), run_tags=_airflow_tags(context))
-
-
-@task
 def evaluate(snapshot: dict[str, Any], trained: dict[str, Any], **context: Any) -> dict[str, Any]:
     """Score candidate and champion on the same test split and decide the gate."""
     from ml_loop.pipeline import evaluate_step
@@ -224,7 +232,10 @@ def deploy(
     from ml_loop.pipeline import deploy_step
 
     spec, _ = _run_context(context)
-    return deploy_step(spec, registration, evaluation, snapshot, _serving_url(spec))
+    serving_url, serving_token = _serving_connection(spec)
+    return deploy_step(
+        spec, registration, evaluation, snapshot, serving_url, serving_token=serving_token
+    )
 
 
 def build_training_dag(spec_name: str, dag_id: str, doc_md: str | None) -> DAG:
@@ -262,7 +273,9 @@ def build_training_dag(spec_name: str, dag_id: str, doc_md: str | None) -> DAG:
         validated = validate(ingested)
         processed = process(validated)
         snapshot = store(processed, validated)
-        trained = train(snapshot)
+        # Same task id and XCom (the TrainResult dict) on every backend; a spec with GPUs puts
+        # it into the spec's GPU pool.
+        trained = TrainOperator(task_id="train", spec=spec_name, snapshot=snapshot).output
         evaluation = evaluate(snapshot, trained)
         registration = register(snapshot, trained, evaluation)
         deploy(registration, evaluation, snapshot)

@@ -1,7 +1,12 @@
-"""The DAG factory: typed trigger-form params and the model-server connection."""
+"""The DAG factory: typed trigger-form params, the train task and the model-server connection."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +14,9 @@ from airflow.sdk.definitions.param import ParamsDict
 from airflow.sdk.exceptions import ParamValidationError
 
 from ml_loop.spec import RunConfig, load_spec
-from ml_loop_airflow.training_dag import _check_conf_keys, _serving_url, build_params
+from ml_loop_airflow.training_dag import _check_conf_keys, _serving_connection, build_params
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -52,15 +59,22 @@ def test_params_reject_wrong_value(params: ParamsDict, name: str, value: object)
         params[name] = value
 
 
-def test_serving_url_from_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serving_connection_without_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DIGITS", "http://127.0.0.1:8123")
-    assert _serving_url(load_spec("digits")) == "http://127.0.0.1:8123"
+    assert _serving_connection(load_spec("digits")) == ("http://127.0.0.1:8123", None)
+
+
+def test_serving_connection_token_is_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DIGITS", "http://:s3cret-token@127.0.0.1:8123")
+    url, token = _serving_connection(load_spec("digits"))
+    assert url == "http://127.0.0.1:8123"
+    assert token == "s3cret-token"
 
 
 def test_serving_url_missing_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AIRFLOW_CONN_MODEL_SERVER_DIGITS", raising=False)
     with pytest.raises(Exception, match="model_server_digits"):
-        _serving_url(load_spec("digits"))
+        _serving_connection(load_spec("digits"))
 
 
 def _context(conf: dict) -> dict:
@@ -77,3 +91,63 @@ def test_conf_with_known_params_accepted() -> None:
 def test_conf_with_misspelled_param_rejected() -> None:
     with pytest.raises(ValueError, match=r"unknown run param 'epoch'.*epochs"):
         _check_conf_keys(_context({"epoch": 3}))
+
+
+def test_params_train_backend_default(params: ParamsDict) -> None:
+    assert params.validate()["train_backend"] == load_spec("digits").compute.backend
+
+
+def test_params_train_backend_enum(params: ParamsDict) -> None:
+    params["train_backend"] = "docker"
+    assert params.validate()["train_backend"] == "docker"
+    with pytest.raises(ParamValidationError, match="train_backend"):
+        params["train_backend"] = "slurm"
+
+
+def test_train_task_is_train_operator() -> None:
+    from ml_loop_airflow.train_operator import TrainOperator
+    from ml_loop_airflow.training_dag import build_training_dag
+
+    dag = build_training_dag("digits", dag_id="train_digits", doc_md=None)
+    train = dag.get_task("train")
+    assert isinstance(train, TrainOperator)
+    assert train.upstream_task_ids == {"store"}
+    assert dag.get_task("evaluate").upstream_task_ids == {"store", "train"}
+    assert dag.get_task("register").upstream_task_ids == {"store", "train", "evaluate"}
+    assert train.pool == "default_pool"
+    assert train.retries == 2
+
+
+# Builds the DAG in a fresh interpreter and prints the backend client modules it loaded.
+PARSE_MODULES_SCRIPT = """
+import json, sys
+from ml_loop_airflow.training_dag import build_training_dag
+build_training_dag("digits", dag_id="train_digits", doc_md=None)
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_dag_parse_loads_no_backend_client(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / name) for name in ("include", "plugins")),
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", PARSE_MODULES_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    modules = json.loads(result.stdout.strip().splitlines()[-1])
+    top_level = {name.split(".")[0] for name in modules}
+    assert "docker" not in top_level
+    assert "kubernetes" not in top_level
+    assert "torch" not in top_level
+    assert [name for name in modules if name.startswith("airflow.providers.docker.operators")] == []
+    assert [
+        name for name in modules if name.startswith("airflow.providers.cncf.kubernetes.operators")
+    ] == []
