@@ -375,8 +375,9 @@ class StackConfig:
     def env(self) -> dict[str, str]:
         """Return the environment of every service, task and ``airflow`` CLI call of this stack.
 
-        It contains secrets (the JWT secret, the API secret key and, as the password of the
-        model server connections, the serving token): pass it to subprocesses, never log it.
+        It contains secrets (the JWT secret, the API secret key, the serving token as the
+        password of the model server connections, and the admin password in the API
+        connection): pass it to subprocesses, never log it.
         """
         env = dict(self.base_environ)
         # The stack's model servers read their token from the file set in their own spec, so a
@@ -402,6 +403,12 @@ class StackConfig:
         for name, _ in self.serving_specs:
             host = f"{HOST}:{self.serving_port_for(name)}"
             env[f"AIRFLOW_CONN_MODEL_SERVER_{name.upper()}"] = f"http://:{token}@{host}"
+        # A training run started by a retrain request writes the reason into its run note
+        # through the REST API, which needs a user (ml_loop_airflow.assets.set_run_note).
+        password = urllib.parse.quote(self.admin_password(), safe="")
+        env["AIRFLOW_CONN_ML_LOOP_AIRFLOW_API"] = (
+            f"http://{ADMIN_USER}:{password}@{HOST}:{self.airflow_port}"
+        )
         return env
 
     def _airflow_env(self) -> dict[str, str]:

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from ml_loop.spec import ComputeSpec, PipelineSpec, RunConfig, check_train_backend, load_spec
+from ml_loop_airflow.assets import retrain_reason, retrain_tags
 
 if TYPE_CHECKING:
     from kubernetes.client import models as k8s
@@ -313,6 +314,7 @@ class TrainOperator(BaseOperator):
             "airflow.run_id": context["run_id"],
             "airflow.try_number": str(ti.try_number),
             BACKEND_TAG: backend,
+            **retrain_tags(retrain_reason(context)),
         }
         snapshot = self.snapshot
         if not isinstance(snapshot, dict) or "uri" not in snapshot:

@@ -18,6 +18,7 @@ from airflow.sdk import DAG, Param, dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from ml_loop.spec import TRAIN_BACKENDS, PipelineSpec, RunConfig, load_spec
+from ml_loop_airflow.assets import retrain_note, retrain_reason, set_run_note, training_schedule
 from ml_loop_airflow.train_operator import BACKEND_PARAM, TrainOperator
 
 logger = logging.getLogger(__name__)
@@ -142,12 +143,24 @@ def _data_root():
 
 @task
 def ingest(**context: Any) -> dict[str, Any]:
-    """Copy the run's partition, and the earlier days of its window, into the raw area."""
+    """Copy the run's partition, and the earlier days of its window, into the raw area.
+
+    A run started by a retrain request logs the request's reason and writes it into the run's
+    note.
+    """
     from ml_loop.ingest import resolve_partition_date
     from ml_loop.pipeline import ingest_step
 
     _check_conf_keys(context)
     spec, config = _run_context(context)
+    reason = retrain_reason(context)
+    if reason is not None:
+        logger.info(
+            "run started by a retrain request of %s: %s",
+            reason.get("source_dag_id"),
+            reason.get("reason"),
+        )
+        set_run_note(context, retrain_note(reason))
     run_date = resolve_partition_date(context.get("logical_date"), context["dag_run"].run_after)
     logger.info(
         "ingesting %s for %s, window %d days, spec digest %s",
@@ -256,7 +269,7 @@ def build_training_dag(spec_name: str, dag_id: str, doc_md: str | None) -> DAG:
         dag_id=dag_id,
         description=spec.description,
         doc_md=doc_md,
-        schedule=spec.schedule,
+        schedule=training_schedule(spec),
         start_date=dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
         catchup=False,
         max_active_runs=1,

@@ -118,6 +118,18 @@ def test_train_task_is_train_operator() -> None:
     assert train.retries == 2
 
 
+def test_dag_runs_on_cron_or_retrain_request() -> None:
+    from airflow.sdk import AssetOrTimeSchedule
+
+    from ml_loop_airflow.assets import retrain_asset
+    from ml_loop_airflow.training_dag import build_training_dag
+
+    dag = build_training_dag("digits", dag_id="train_digits", doc_md=None)
+    assert isinstance(dag.timetable, AssetOrTimeSchedule)
+    assert dag.timetable.timetable.expression == "0 0 * * *"
+    assert list(dag.timetable.asset_condition.objects) == [retrain_asset("digits")]
+
+
 # Builds the DAG in a fresh interpreter and prints the backend client modules it loaded.
 PARSE_MODULES_SCRIPT = """
 import json, sys
