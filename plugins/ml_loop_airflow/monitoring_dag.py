@@ -22,10 +22,10 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from ml_loop.spec import PipelineSpec, load_spec
 from ml_loop_airflow.assets import retrain_asset
+from ml_loop_airflow.task_context import airflow_tags, serving_connection, serving_connection_id
 
 logger = logging.getLogger(__name__)
 
-SERVING_CONN_PREFIX = "model_server_"
 TRAINING_DAG_PREFIX = "train_"
 ACTIVE_STATES = ["queued", "running"]
 METRICS_TIMEOUT_S = 5.0
@@ -59,20 +59,22 @@ def read_server_errors(spec: PipelineSpec) -> dict[str, float] | None:
     its page has no request counter with a status label; the reason is logged.
     """
     import httpx
-    from airflow.sdk import Connection
     from airflow.sdk.exceptions import AirflowNotFoundException
 
     from ml_loop.monitor import read_server_errors as parse_errors
 
-    conn_id = f"{SERVING_CONN_PREFIX}{spec.name}"
     try:
-        conn = Connection.get(conn_id)
+        base_url, token = serving_connection(spec)
     except AirflowNotFoundException:
-        logger.info("connection %s not found, so this run reports no server error rate", conn_id)
+        logger.info(
+            "connection %s not found, so this run reports no server error rate",
+            serving_connection_id(spec),
+        )
         return None
-    url = f"{conn.schema or 'http'}://{conn.host}{f':{conn.port}' if conn.port else ''}/metrics"
+    url = f"{base_url}/metrics"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = httpx.get(url, timeout=METRICS_TIMEOUT_S)
+        response = httpx.get(url, headers=headers, timeout=METRICS_TIMEOUT_S)
         response.raise_for_status()
     except httpx.HTTPError as err:
         logger.warning("model server metrics at %s not readable (%s); no error rate", url, err)
@@ -81,14 +83,6 @@ def read_server_errors(spec: PipelineSpec) -> dict[str, float] | None:
     if counts is None:
         logger.info("model server metrics at %s have no request counter with a status", url)
     return counts
-
-
-def _airflow_tags(context: dict[str, Any]) -> dict[str, str]:
-    return {
-        "airflow.dag_id": context["dag"].dag_id,
-        "airflow.run_id": context["run_id"],
-        "airflow.try_number": str(context["ti"].try_number),
-    }
 
 
 @task
@@ -103,7 +97,7 @@ def compute_monitoring(**context: Any) -> dict[str, Any]:
         window_end(context),
         data_root(),
         server_errors=read_server_errors(spec),
-        run_tags=_airflow_tags(context),
+        run_tags=airflow_tags(context),
     )
     logger.info("monitoring report: %s (MLflow: %s)", result.report_path, result.report_uri)
     return result.to_dict()

@@ -19,11 +19,10 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from ml_loop.spec import TRAIN_BACKENDS, PipelineSpec, RunConfig, load_spec
 from ml_loop_airflow.assets import retrain_note, retrain_reason, set_run_note, training_schedule
+from ml_loop_airflow.task_context import airflow_tags, serving_connection
 from ml_loop_airflow.train_operator import BACKEND_PARAM, TrainOperator
 
 logger = logging.getLogger(__name__)
-
-SERVING_CONN_PREFIX = "model_server_"
 
 
 def build_params(spec: PipelineSpec) -> dict[str, Param]:
@@ -105,34 +104,6 @@ def _check_conf_keys(context: dict[str, Any]) -> None:
             f"unknown run param {', '.join(map(repr, unknown))} in the run conf; the params of "
             f"{context['dag'].dag_id} are {', '.join(declared)}; fix the name and trigger again"
         )
-
-
-def _airflow_tags(context: dict[str, Any]) -> dict[str, str]:
-    return {
-        "airflow.dag_id": context["dag"].dag_id,
-        "airflow.run_id": context["run_id"],
-        "airflow.try_number": str(context["ti"].try_number),
-    }
-
-
-def _serving_connection(spec: PipelineSpec) -> tuple[str, str | None]:
-    """Return the model server's URL and bearer token from the ``model_server_<spec>`` connection.
-
-    The token is the connection's password, for example
-    ``AIRFLOW_CONN_MODEL_SERVER_DIGITS=http://:TOKEN@127.0.0.1:8000``; None when it has none.
-    """
-    from airflow.sdk import Connection
-
-    conn_id = f"{SERVING_CONN_PREFIX}{spec.name}"
-    conn = Connection.get(conn_id)
-    scheme = conn.schema or "http"
-    if not conn.host:
-        raise ValueError(
-            f"Airflow connection {conn_id!r} has no host; set it to the model server, for "
-            f"example AIRFLOW_CONN_{conn_id.upper()}=http://127.0.0.1:8000"
-        )
-    port = f":{conn.port}" if conn.port else ""
-    return f"{scheme}://{conn.host}{port}", conn.password or None
 
 
 def _data_root():
@@ -223,7 +194,7 @@ def register(
 
     spec, config = _run_context(context)
     registration = register_step(
-        spec, snapshot, trained, evaluation, config, tags=_airflow_tags(context)
+        spec, snapshot, trained, evaluation, config, tags=airflow_tags(context)
     )
     if not registration["promoted"]:
         context["ti"].xcom_push(key="registration", value=registration)
@@ -245,7 +216,7 @@ def deploy(
     from ml_loop.pipeline import deploy_step
 
     spec, _ = _run_context(context)
-    serving_url, serving_token = _serving_connection(spec)
+    serving_url, serving_token = serving_connection(spec)
     return deploy_step(
         spec, registration, evaluation, snapshot, serving_url, serving_token=serving_token
     )

@@ -14,7 +14,7 @@ from airflow.sdk.definitions.param import ParamsDict
 from airflow.sdk.exceptions import ParamValidationError
 
 from ml_loop.spec import RunConfig, load_spec
-from ml_loop_airflow.training_dag import _check_conf_keys, _serving_connection, build_params
+from ml_loop_airflow.training_dag import _check_conf_keys, build_params
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,24 +57,6 @@ def test_params_keep_types(params: ParamsDict) -> None:
 def test_params_reject_wrong_value(params: ParamsDict, name: str, value: object) -> None:
     with pytest.raises(ParamValidationError, match=name):
         params[name] = value
-
-
-def test_serving_connection_without_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DIGITS", "http://127.0.0.1:8123")
-    assert _serving_connection(load_spec("digits")) == ("http://127.0.0.1:8123", None)
-
-
-def test_serving_connection_token_is_password(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DIGITS", "http://:s3cret-token@127.0.0.1:8123")
-    url, token = _serving_connection(load_spec("digits"))
-    assert url == "http://127.0.0.1:8123"
-    assert token == "s3cret-token"
-
-
-def test_serving_url_missing_connection(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("AIRFLOW_CONN_MODEL_SERVER_DIGITS", raising=False)
-    with pytest.raises(Exception, match="model_server_digits"):
-        _serving_connection(load_spec("digits"))
 
 
 def _context(conf: dict) -> dict:
