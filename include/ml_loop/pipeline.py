@@ -70,6 +70,20 @@ def evaluate_step(spec: PipelineSpec, snapshot: Ref, trained: Ref) -> Ref:
     return evaluate_candidate(spec, snapshot["uri"], trained).to_dict()
 
 
+def uses_canary(spec: PipelineSpec, evaluation: Ref, config: RunConfig) -> bool:
+    """Return True when a candidate that passed the gate goes through a canary first.
+
+    That needs ``deploy.canary_share`` above 0 and a champion to compare with; a forced
+    promotion skips the canary.
+    """
+    return (
+        spec.deploy.canary_share > 0
+        and bool(evaluation.get("passed"))
+        and evaluation.get("champion_version") is not None
+        and not config.force_promote
+    )
+
+
 def register_step(
     spec: PipelineSpec,
     snapshot: Ref,
@@ -78,6 +92,7 @@ def register_step(
     config: RunConfig,
     tags: dict[str, str] | None = None,
 ) -> Ref:
+    """Register the candidate; promote it now unless it goes through a canary first."""
     from ml_loop.registry import DATA_WINDOW_END_TAG, register_candidate
 
     manifest = json.loads(Path(snapshot["manifest_uri"]).read_text())
@@ -91,6 +106,7 @@ def register_step(
         trained,
         evaluation,
         force_promote=config.force_promote,
+        promote_on_pass=not uses_canary(spec, evaluation, config),
         tags=version_tags,
     )
     return registration.to_dict()
@@ -104,8 +120,19 @@ def deploy_step(
     serving_url: str,
     serving_token: str | None = None,
 ) -> Ref:
-    from ml_loop.deploy import deploy_champion
+    """Serve a promoted candidate, or run the canary of one that is still ``challenger``."""
+    from ml_loop.deploy import canary_deploy, deploy_champion
 
+    if not registration["promoted"]:
+        return canary_deploy(
+            serving_url,
+            registration,
+            spec.deploy.canary_share,
+            spec.deploy.canary_min_requests,
+            spec.deploy.canary_max_error_rate_increase,
+            timeout_s=spec.deploy.canary_timeout_s,
+            token=serving_token,
+        )
     return deploy_champion(
         serving_url,
         registration,

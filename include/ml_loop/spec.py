@@ -235,6 +235,23 @@ class MonitoringSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeploySpec:
+    """How the deploy step moves traffic to a candidate that passed the gate.
+
+    With ``canary_share`` 0 the candidate becomes ``champion`` at once. Above 0, and when a
+    champion exists, the candidate stays ``challenger`` and the model server sends it this share
+    of live traffic until it has answered ``canary_min_requests`` requests (or
+    ``canary_timeout_s`` passes); it is promoted when its error rate is at most
+    ``canary_max_error_rate_increase`` above the champion's, and rolled back otherwise.
+    """
+
+    canary_share: float = 0.0
+    canary_min_requests: int = 100
+    canary_max_error_rate_increase: float = 0.01
+    canary_timeout_s: float = 900.0
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineSpec:
     name: str
     description: str
@@ -250,18 +267,19 @@ class PipelineSpec:
     source_path: Path
     compute: ComputeSpec = dataclasses.field(default_factory=ComputeSpec)
     monitoring: MonitoringSpec = dataclasses.field(default_factory=MonitoringSpec)
+    deploy: DeploySpec = dataclasses.field(default_factory=DeploySpec)
 
     def digest(self) -> str:
         """Return a short SHA-256 of the spec's content, logged with every run.
 
         The ``compute`` section is left out: it says where training runs, not what it computes,
         so switching backends keeps the train key and a retry on another backend resumes from
-        the same checkpoint. The ``monitoring`` section is left out for the same reason: it
-        says when to retrain, not what training computes.
+        the same checkpoint. The ``monitoring`` and ``deploy`` sections are left out for the
+        same reason: they say when to retrain and how to roll out, not what training computes.
         """
         data = to_dict(self)
-        data.pop("compute", None)
-        data.pop("monitoring", None)
+        for section in ("compute", "monitoring", "deploy"):
+            data.pop(section, None)
         payload = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(payload).hexdigest()[:12]
 
@@ -375,6 +393,7 @@ def _parse(raw: dict[str, Any], path: Path) -> PipelineSpec:
         source_path=path,
         compute=_parse_compute(raw.get("compute") or {}),
         monitoring=_parse_monitoring(raw.get("monitoring") or {}),
+        deploy=_parse_deploy(raw.get("deploy") or {}),
     )
     RunConfig.from_params(spec, None)
     return spec
@@ -401,6 +420,17 @@ def _parse_compute(raw: dict[str, Any]) -> ComputeSpec:
             f"compute.dataloader_workers is {compute.dataloader_workers}; use 0 or more"
         )
     return compute
+
+
+def _parse_deploy(raw: dict[str, Any]) -> DeploySpec:
+    deploy = DeploySpec(**raw)
+    if not 0 <= deploy.canary_share <= 1:
+        raise ValueError(f"deploy.canary_share is {deploy.canary_share}; use a share from 0 to 1")
+    if deploy.canary_min_requests < 1:
+        raise ValueError(
+            f"deploy.canary_min_requests is {deploy.canary_min_requests}; use 1 or more"
+        )
+    return deploy
 
 
 def _parse_monitoring(raw: dict[str, Any]) -> MonitoringSpec:

@@ -189,14 +189,25 @@ def register(
     evaluation: dict[str, Any],
     **context: Any,
 ) -> dict[str, Any]:
-    """Register the model version and move the aliases; skip deploy when the gate failed."""
-    from ml_loop.pipeline import register_step
+    """Register the model version and move the aliases; skip deploy when the gate failed.
+
+    A candidate that passed the gate but goes through a canary stays ``challenger`` here, and
+    deploy runs the canary.
+    """
+    from ml_loop.pipeline import register_step, uses_canary
 
     spec, config = _run_context(context)
     registration = register_step(
         spec, snapshot, trained, evaluation, config, tags=airflow_tags(context)
     )
-    if not registration["promoted"]:
+    if uses_canary(spec, evaluation, config) and not registration["promoted"]:
+        logger.info(
+            "version %s of %s passed the gate and goes to a canary of %.0f%% of the traffic",
+            registration["version"],
+            spec.model_name,
+            100 * spec.deploy.canary_share,
+        )
+    elif not registration["promoted"]:
         context["ti"].xcom_push(key="registration", value=registration)
         raise AirflowSkipException(
             f"skipped by gate: version {registration['version']} of {spec.model_name} stays "
@@ -212,7 +223,11 @@ def deploy(
     snapshot: dict[str, Any],
     **context: Any,
 ) -> dict[str, Any]:
-    """Make the model server serve the new champion and smoke-test it; roll back on failure."""
+    """Make the model server serve the new champion and smoke-test it; roll back on failure.
+
+    For a candidate still ``challenger`` (see ``deploy.canary_share`` in the spec), run its
+    canary instead, which promotes it or rolls it back.
+    """
     from ml_loop.pipeline import deploy_step
 
     spec, _ = _run_context(context)
