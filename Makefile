@@ -3,11 +3,18 @@
 #
 #   make run            start the local stack, train once, keep it up until Ctrl-C
 #   make run ONCE=1     the same, then stop and exit 0 only if the training run succeeded
+#   make run ONCE=1 SCENARIO=drift
+#                       the drift scenario in .stack/scenario-drift: normal traffic, a new
+#                       scanner, monitoring and one retrain; exit 0 only if it recovered
 #   make test           pytest over tests/ (pass options with PYTEST_ARGS="-m 'not e2e' -x")
 #   make bench          benchmarks/run.py
 #   make airflow CMD="backfill create --dag-id train_digits ..."
 #                       the airflow CLI against the local stack's database and secrets
 #   make lint           ruff format --check and ruff check
+#   make train-image    the training image ml-loop-train:latest from Dockerfile.train; pass
+#                       BASE_IMAGE=... for another base and, for an offline build from ./wheelhouse,
+#                       PIP_INSTALL_OPTIONS="--no-index --find-links /tmp/ml-loop-build"
+#                       (WHEELHOUSE=... for another folder of the repository)
 #   make constraints    re-freeze constraints.txt from a clean install of requirements.txt
 #   make clean          delete the state folder .stack (stop the stack first)
 
@@ -19,9 +26,15 @@ VENV_PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.requirements-installed
 PYTHONPATH_DIRS := include:plugins
 PYTEST_ARGS ?=
-RUN_ARGS := $(if $(filter 1 true yes,$(ONCE)),--once)
+SCENARIO ?=
+RUN_ARGS := $(if $(filter 1 true yes,$(ONCE)),--once) $(if $(SCENARIO),--scenario $(SCENARIO))
+# Empty values keep the defaults of Dockerfile.train.
+BASE_IMAGE ?=
+PIP_INSTALL_OPTIONS ?=
+WHEELHOUSE ?=
+TRAIN_IMAGE ?= ml-loop-train:latest
 
-.PHONY: run test bench airflow lint constraints clean
+.PHONY: run test bench airflow lint constraints clean train-image
 
 $(VENV_PYTHON):
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +80,12 @@ constraints:
 	} > "$$tmp/constraints.txt"; \
 	mv "$$tmp/constraints.txt" constraints.txt
 
+train-image:
+	docker build -f Dockerfile.train -t $(TRAIN_IMAGE) \
+		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+		$(if $(PIP_INSTALL_OPTIONS),--build-arg PIP_INSTALL_OPTIONS="$(PIP_INSTALL_OPTIONS)") \
+		$(if $(WHEELHOUSE),--build-arg WHEELHOUSE=$(WHEELHOUSE)) .
+
 # Refuses while a live launcher holds the state folder, because its services write there.
 clean:
 	@if [ -s .stack/stack.lock ] && kill -0 "$$(cat .stack/stack.lock)" 2>/dev/null; then \
@@ -74,3 +93,16 @@ clean:
 		exit 1; \
 	fi
 	rm -rf .stack
+
+# The docker-compose stack (docker-compose.yaml). compose-env writes .env with random secrets
+# once and prints the Airflow login; it never changes an existing .env. COMPOSE picks the client:
+# `make compose-up COMPOSE=docker-compose` for the standalone 1.29 release.
+COMPOSE ?= docker compose
+
+.PHONY: compose-env compose-up
+
+compose-env:
+	python3 include/compose/init-env.py
+
+compose-up: compose-env
+	$(COMPOSE) up --detach --build

@@ -28,6 +28,10 @@ Environment variables read by the worker:
   ``127.0.0.1`` URI reaches the same server. A pod needs a URI that resolves in the cluster.
 - ``ML_LOOP_TRAIN_IMAGE``: when set, the training image for the docker and kubernetes backends,
   in place of ``compute.docker.image`` and ``compute.kubernetes.image``.
+- ``ML_LOOP_TRAIN_DATA_VOLUME``: when set, the docker backend mounts this named volume at the
+  data root instead of bind-mounting the worker's folder (for a worker in a container).
+- ``ML_LOOP_TRAIN_NETWORK``: when set, the training container's network in place of
+  ``compute.docker.network_mode``.
 
 The container or pod gets ``ML_LOOP_DEVICE_REQUEST``, the JSON of the device request this
 operator made, which the entry point's GPU pre-flight prints when no GPU is visible.
@@ -62,6 +66,8 @@ logger = logging.getLogger(__name__)
 
 BACKEND_PARAM = "train_backend"
 TRAIN_IMAGE_ENV = "ML_LOOP_TRAIN_IMAGE"
+TRAIN_DATA_VOLUME_ENV = "ML_LOOP_TRAIN_DATA_VOLUME"
+TRAIN_NETWORK_ENV = "ML_LOOP_TRAIN_NETWORK"
 DEVICE_REQUEST_ENV = "ML_LOOP_DEVICE_REQUEST"
 DATA_DIR_ENV = "ML_LOOP_DATA_DIR"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -484,6 +490,14 @@ class TrainOperator(BaseOperator):
             f"{CONTAINER_LABEL_PREFIX}try_number": str(ti.try_number),
             **self.container_labels,
         }
+        # A worker that itself runs in a container (the compose stack) has the data root on a
+        # named volume and reaches MLflow by service name on its own network, so both can be
+        # given by the environment instead of the host path and host networking.
+        data_volume = os.environ.get(TRAIN_DATA_VOLUME_ENV)
+        if data_volume:
+            data_mount = Mount(target=str(job.data_dir), source=data_volume, type="volume")
+        else:
+            data_mount = Mount(target=str(job.data_dir), source=str(job.data_dir), type="bind")
         return DockerOperator(
             task_id=self.task_id,
             image=self.docker_image(job),
@@ -492,10 +506,10 @@ class TrainOperator(BaseOperator):
                 ti.dag_id, context["run_id"], ti.task_id, getattr(ti, "map_index", -1)
             ),
             docker_url=docker.docker_url,
-            network_mode=docker.network_mode,
+            network_mode=os.environ.get(TRAIN_NETWORK_ENV) or docker.network_mode,
             shm_size=docker.shm_size,
             device_requests=[DeviceRequest(**request) for request in device_requests] or None,
-            mounts=[Mount(target=str(job.data_dir), source=str(job.data_dir), type="bind")],
+            mounts=[data_mount],
             environment=environment,
             private_environment=_mlflow_credentials(),
             # The calling process's uid and gid, so files written to the data root stay usable

@@ -313,6 +313,19 @@ def test_docker_operator_settings(data_root: Path) -> None:
     assert docker_op.command[:3] == ["python", "-m", "ml_loop.train"]
 
 
+def test_docker_operator_in_a_compose_worker(data_root: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ML_LOOP_TRAIN_DATA_VOLUME", "ml-loop_ml-loop-data")
+    monkeypatch.setenv("ML_LOOP_TRAIN_NETWORK", "ml-loop_default")
+    operator = make_operator(write_spec(data_root), write_snapshot(data_root, rows=20))
+    context = make_context({"train_backend": "docker"})
+    docker_op = operator.build_docker_operator(operator.build_job(context), context)
+    (mount,) = docker_op.mounts
+    assert mount["Source"] == "ml-loop_ml-loop-data"
+    assert mount["Target"] == str(data_root.resolve())
+    assert mount["Type"] == "volume"
+    assert docker_op.network_mode == "ml-loop_default"
+
+
 # kubernetes, offline
 
 
