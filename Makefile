@@ -7,7 +7,7 @@
 #                       the drift scenario in .stack/scenario-drift: normal traffic, a new
 #                       scanner, monitoring and one retrain; exit 0 only if it recovered
 #   make test           pytest over tests/ (pass options with PYTEST_ARGS="-m 'not e2e' -x")
-#   make bench          benchmarks/run.py
+#   make bench          benchmarks/run.py (ONLY=trainer,docker for some figure groups)
 #   make airflow CMD="backfill create --dag-id train_digits ..."
 #                       the airflow CLI against the local stack's database and secrets
 #   make lint           ruff format --check and ruff check
@@ -58,7 +58,7 @@ airflow: $(INSTALLED)
 	PYTHONPATH=$(PYTHONPATH_DIRS) $(VENV_PYTHON) -m local_stack airflow $(CMD)
 
 bench: $(INSTALLED)
-	PYTHONPATH=$(PYTHONPATH_DIRS) $(VENV_PYTHON) benchmarks/run.py
+	PYTHONPATH=$(PYTHONPATH_DIRS) $(VENV_PYTHON) benchmarks/run.py $(if $(ONLY),--only $(ONLY))
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff format --check .

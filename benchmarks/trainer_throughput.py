@@ -5,8 +5,8 @@ with the same batch size, epochs and seed, in this one process:
 
 - ``trainer``: ``ml_loop.train.train_model``, which tracks the run on a real MLflow server, scores
   the validation split after every epoch, logs the epoch's metrics and writes a checkpoint.
-- ``plain``: an Adam loop over a shuffled copy of the train split, with no validation, tracking,
-  checkpoint or model logging.
+- ``plain``: ``common.PlainLoop``, an Adam loop over a shuffled copy of the train split, with no
+  validation, tracking, checkpoint or model logging.
 
 The two alternate epoch by epoch: the trainer's epoch-end callback runs one plain epoch, so each
 pair of epochs runs seconds apart under the same machine load. Figures, in train samples per
@@ -20,125 +20,42 @@ second:
 - ``end_to_end``: train rows times N epochs over the median time of a whole run. The trainer's
   run is the ``train_model`` call minus the plain epochs in its callback: reading and checking
   the snapshot, the MLflow run's setup, the epochs, the learning curve, the validation reports
-  and model logging (weights plus the ``pt2`` MLflow model). The plain run is loading
-  ``data.npz``, building the model and its epochs.
+  and model logging (weights plus the ``pt2`` MLflow model). The plain run is loading and
+  checking ``data.npz`` (``Snapshot.load``, as the trainer does), building the model and its
+  epochs.
 
 The snapshot is built the way the pipeline builds it: landing, ingest, validate, process, store.
 Each repeat uses another seed, so each trainer run has a new train key and really trains.
 
 Usage: ``.venv/bin/python benchmarks/trainer_throughput.py [--tracking-uri URI]``. Without a
-tracking URI the script starts ``mlflow server`` on a free 127.0.0.1 port in a temporary folder
-and stops it by its process id at the end. It prints one JSON object.
+tracking URI the script starts the local stack's MLflow server (``common.mlflow_server``) on a
+free 127.0.0.1 port in a temporary folder and stops it at the end. It prints one JSON object.
+``make bench`` runs the same measurement through ``run.py`` (``--only trainer``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
 import logging
 import os
-import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "include"))
+import common
 
 REPEATS = 3
 EPOCHS = 3
-RUN_DATE = dt.date(2026, 11, 5)
 SEED_BASE = 1000
 
 logger = logging.getLogger("benchmarks.trainer_throughput")
-
-
-def build_snapshot(spec: Any, root: Path) -> str:
-    """Land the digits batches and run ingest, validate, process and store; return the URI."""
-    from ml_loop.landing import land_days
-    from ml_loop.pipeline import ingest_step, process_step, store_step, validate_step
-    from ml_loop.spec import RunConfig
-
-    config = RunConfig.from_params(spec, None)
-    land_days(spec, RUN_DATE, spec.dataset.landing_days, root)
-    ingested = ingest_step(spec, RUN_DATE, config, root)
-    validated = validate_step(spec, ingested, root)
-    processed = process_step(spec, validated, root)
-    return store_step(spec, processed, validated, root)["uri"]
-
-
-class PlainLoop:
-    """The spec's model trained on the snapshot's train tensors by a minimal PyTorch loop.
-
-    It keeps its own global-RNG state (dropout) and restores the caller's after each epoch, so
-    running it between the trainer's epochs leaves the trainer's random draws unchanged.
-    """
-
-    def __init__(self, spec: Any, snapshot_uri: str, config: Any) -> None:
-        import numpy as np
-        import torch
-        from torch import nn
-
-        from ml_loop import models
-        from ml_loop.train import SPLIT_TRAIN
-
-        start = time.perf_counter()
-        folder = Path(snapshot_uri)
-        manifest = json.loads((folder / "manifest.json").read_text())
-        with np.load(folder / "data.npz") as arrays:
-            train_mask = arrays["split"] == SPLIT_TRAIN
-            self.x = torch.from_numpy(arrays["x"][train_mask].astype(np.float32))
-            self.y = torch.from_numpy(arrays["y"][train_mask].astype(np.int64))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.model = models.build_model(
-                models.model_config(
-                    spec.model.family,
-                    spec.model.hyperparameters,
-                    input_shape=self.x.shape[1:],
-                    classes=spec.dataset.classes,
-                    mean=manifest["stats"]["mean"],
-                    std=manifest["stats"]["std"],
-                )
-            )
-            self.rng_state = torch.get_rng_state()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
-        self.criterion = nn.CrossEntropyLoss()
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.batch_size = config.batch_size
-        self.setup_s = time.perf_counter() - start
-
-    def run_epoch(self) -> float:
-        """Train one epoch; return its wall time in seconds."""
-        import torch
-
-        start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self.rng_state)
-            self.model.train()
-            rows = len(self.y)
-            order = torch.randperm(rows, generator=self.generator)
-            x_epoch, y_epoch = self.x[order], self.y[order]
-            for begin in range(0, rows, self.batch_size):
-                logits = self.model(x_epoch[begin : begin + self.batch_size])
-                loss = self.criterion(logits, y_epoch[begin : begin + self.batch_size])
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-            self.rng_state = torch.get_rng_state()
-        return time.perf_counter() - start
 
 
 def measure_repeat(spec: Any, snapshot_uri: str, config: Any, root: Path, uri: str) -> dict:
@@ -148,9 +65,11 @@ def measure_repeat(spec: Any, snapshot_uri: str, config: Any, root: Path, uri: s
     plain counterpart run seconds apart and share the machine's load. The callback's time is
     taken out of the trainer's figures.
     """
-    from ml_loop.train import train_model
+    from ml_loop.train import Snapshot, train_model
 
-    plain = PlainLoop(spec, snapshot_uri, config)
+    setup_start = time.perf_counter()
+    plain = common.PlainLoop(spec, Snapshot.load(snapshot_uri), config)
+    plain_setup_s = time.perf_counter() - setup_start
     plain_epochs: list[float] = []
     # Wall and process CPU times at the start and end of each callback.
     windows: list[tuple[float, float]] = []
@@ -180,7 +99,7 @@ def measure_repeat(spec: Any, snapshot_uri: str, config: Any, root: Path, uri: s
         "trainer_epochs_cpu_s": _gaps(cpu_windows),
         "plain_epochs_cpu_s": [exit - entered for entered, exit in cpu_windows[1:]],
         "trainer_end_to_end_s": total - sum(exit - entered for entered, exit in windows),
-        "plain_end_to_end_s": plain.setup_s + sum(plain_epochs),
+        "plain_end_to_end_s": plain_setup_s + sum(plain_epochs),
         "run_id": result.run_id,
     }
 
@@ -199,19 +118,19 @@ def run(
     """Build the digits snapshot under ``workdir`` and measure both sides ``repeats`` times."""
     import torch
 
-    from ml_loop.devices import cpu_model_name
     from ml_loop.spec import RunConfig, load_spec
     from ml_loop.train import SPLIT_TRAIN, Snapshot
 
     if epochs < 2:
         raise ValueError(f"invalid epochs={epochs}: expected at least 2, the first is warm-up")
+    load_at_start = common.load_average()
     # A fresh experiment name, so a tracking server used before contains no run of these keys.
     spec = load_spec("digits")
     name = f"digits-throughput-{uuid.uuid4().hex[:8]}"
     spec = dataclasses.replace(spec, name=name, model_name=name)
     root = workdir / "data"
     build_start = time.perf_counter()
-    snapshot_uri = build_snapshot(spec, root)
+    snapshot_uri = common.build_snapshot(spec, root)["uri"]
     build_s = time.perf_counter() - build_start
     snapshot = Snapshot.load(snapshot_uri)
     train_rows = int((snapshot.split == SPLIT_TRAIN).sum())
@@ -289,7 +208,7 @@ def run(
                 "trainer's run is the train_model call (snapshot check, MLflow run setup, "
                 "epochs, learning curve, validation reports, model logging of weights and the "
                 "pt2 MLflow model) minus the plain epochs run in its callback; the plain run is "
-                "loading data.npz, building the model and its epochs"
+                "loading and checking data.npz, building the model and its epochs"
             ),
         },
         "setup": {
@@ -304,79 +223,11 @@ def run(
             "snapshot_build_s": round(build_s, 1),
             "tracking_uri": tracking_uri,
         },
-        "machine": {
-            "cpu": cpu_model_name(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-        },
+        "machine": common.machine_description(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": common.load_average(),
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def mlflow_server(folder: Path, timeout_s: float = 120) -> Iterator[str]:
-    """Start ``mlflow server`` with a SQLite store under ``folder``; yield its URL; stop it."""
-    port = _free_port()
-    log_path = folder / "mlflow.log"
-    env = {
-        **os.environ,
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    }
-    command = [
-        str(Path(sys.executable).with_name("mlflow")),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{folder / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(folder / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    with log_path.open("w") as log:
-        # Its own session, so the server's web workers can be stopped with its process group.
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited with code {process.returncode}; its log "
-                    f"{log_path} ends with:\n{log_path.read_text()[-2000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"mlflow server at {url} did not respond to /health within {timeout_s} s; "
-                        f"see {log_path}"
-                    ) from None
-                time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=20)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,9 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             with redirect_stdout(sys.stderr):
                 figures = run(workdir, args.tracking_uri, args.repeats, args.epochs)
         else:
-            server_dir = workdir / "mlflow"
-            server_dir.mkdir()
-            with mlflow_server(server_dir) as uri, redirect_stdout(sys.stderr):
+            with common.mlflow_server(workdir / "mlflow") as uri, redirect_stdout(sys.stderr):
                 figures = run(workdir, uri, args.repeats, args.epochs)
     print(json.dumps(figures, indent=2, sort_keys=True))
     return 0

@@ -168,6 +168,19 @@ class Snapshot:
         return self.x[mask], self.y[mask], self.ids[mask]
 
 
+def snapshot_model_config(spec: PipelineSpec, snapshot: Snapshot) -> dict[str, Any]:
+    """Return the config of the spec's model for the snapshot's feature shape and statistics."""
+    return models.model_config(
+        spec.model.family,
+        spec.model.hyperparameters,
+        input_shape=snapshot.x.shape[1:],
+        classes=spec.dataset.classes,
+        mean=snapshot.manifest["stats"]["mean"],
+        std=snapshot.manifest["stats"]["std"],
+        feature_names=spec.dataset.feature_names or None,
+    )
+
+
 def compute_train_key(spec: PipelineSpec, snapshot_version: str, config: RunConfig) -> str:
     """Return the SHA-256 that identifies one training attempt and its checkpoint.
 
@@ -519,15 +532,7 @@ class Trainer:
 
         num_classes = len(spec.dataset.classes)
         self.class_weights = class_weights(y_train, num_classes)
-        self.model_config = models.model_config(
-            spec.model.family,
-            spec.model.hyperparameters,
-            input_shape=snapshot.x.shape[1:],
-            classes=spec.dataset.classes,
-            mean=snapshot.manifest["stats"]["mean"],
-            std=snapshot.manifest["stats"]["std"],
-            feature_names=spec.dataset.feature_names or None,
-        )
+        self.model_config = snapshot_model_config(spec, snapshot)
         # The checkpoint and the logged model store the state of self.model, the plain module.
         # The epoch loop calls self.train_module, which is the DDP wrapper in a torchrun job.
         self.model = models.build_model(self.model_config).to(device)

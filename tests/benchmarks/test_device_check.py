@@ -46,3 +46,29 @@ def test_device_check_cuda_without_gpu() -> None:
     assert completed.returncode == 1
     assert "no GPU visible in the container" in completed.stderr
     assert completed.stdout == ""
+
+
+def test_device_check_light_install() -> None:
+    """The check runs on requirements-train.txt plus mlxtend, so it loads no Airflow or GX."""
+    code = (
+        "import runpy, sys\n"
+        # As when run as a script: its folder comes first on sys.path.
+        f"sys.path.insert(0, {str(SCRIPT.parent)!r})\n"
+        f"sys.argv = [{str(SCRIPT)!r}, '--device', 'cpu', '--epochs', '1', '--rows', '100',"
+        " '--batch-size', '50']\n"
+        "status = 0\n"
+        "try:\n"
+        f"    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    status = exit.code\n"
+        "loaded = [name for name in ('airflow', 'great_expectations') if name in sys.modules]\n"
+        "sys.stderr.write('loaded heavy modules: ' + repr(loaded) + '\\n')\n"
+        "sys.exit(status)\n"
+    )
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    completed = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "loaded heavy modules: []" in completed.stderr
