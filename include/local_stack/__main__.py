@@ -1,5 +1,5 @@
-"""Command line of the local stack: ``python -m local_stack run [--once]`` and
-``python -m local_stack airflow ARGS...``."""
+"""Command line of the local stack: ``python -m local_stack run [--once] [--scenario drift]``
+and ``python -m local_stack airflow ARGS...``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from local_stack.config import StackConfig, StackConfigError
 from local_stack.main_job import run_main_job
+from local_stack.scenario import SCENARIO_NAME, day_seconds, run_drift_scenario, scenario_config
 from local_stack.stack import LocalStack
 from local_stack.supervisor import StackError
 
@@ -42,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         help="stop everything after the run; exit 0 only if the run succeeded",
     )
     run.add_argument(
+        "--scenario",
+        choices=[SCENARIO_NAME],
+        default=None,
+        help="run a scenario instead of the main job: 'drift' plays normal traffic, then "
+        "images from a new scanner, through monitoring and one retrain, in its own state "
+        "folder <state>/scenario-drift",
+    )
+    run.add_argument(
         "--dags-folder",
         type=Path,
         default=None,
@@ -67,12 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "airflow":
         return run_airflow_cli(args.airflow_args)
     try:
-        config = StackConfig.from_env(REPO_ROOT, dags_folder=args.dags_folder)
+        if args.scenario == SCENARIO_NAME:
+            config = scenario_config(REPO_ROOT, dags_folder=args.dags_folder)
+            day_s = day_seconds()
+        else:
+            config = StackConfig.from_env(REPO_ROOT, dags_folder=args.dags_folder)
         stack = LocalStack(config)
     except (StackConfigError, StackError) as err:
         logging.getLogger("local_stack").error("%s", err)
         return 2
     try:
+        if args.scenario == SCENARIO_NAME:
+            return run_drift_scenario(stack, once=args.once, day_s=day_s)
         return run_main_job(stack, once=args.once)
     except KeyboardInterrupt:
         return 130

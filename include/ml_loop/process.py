@@ -216,12 +216,14 @@ def _check_refs(
         )
     check_validated_refs(spec, validated_refs)
     refs = sorted(validated_refs, key=lambda ref: ref["partition_date"])
-    dates = [ref["partition_date"] for ref in refs]
-    repeated = sorted({date for date in dates if dates.count(date) > 1})
+    # A day can have a regular and a feedback partition, which are different raw copies; the
+    # same raw copy twice would count its records twice.
+    keys = [(ref["partition_date"], ref["raw_hash"]) for ref in refs]
+    repeated = sorted({date for date, raw in keys if keys.count((date, raw)) > 1})
     if repeated:
         raise DataValidationError(
-            f"several validated partitions for the dates {repeated}; pass one per date, the "
-            "one validated from that day's raw partition"
+            f"several validated partitions of the same raw partition for the dates {repeated}; "
+            "pass one per raw partition"
         )
     return refs
 

@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,15 @@ import yaml
 from ml_loop.errors import SpecError
 
 SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
+# When set, spec names are looked up in this folder instead of SPECS_DIR.
+SPECS_DIR_ENV = "ML_LOOP_SPECS_DIR"
+
+
+def specs_dir() -> Path:
+    """Return the folder that spec names are looked up in: ``$ML_LOOP_SPECS_DIR`` or SPECS_DIR."""
+    value = os.environ.get(SPECS_DIR_ENV)
+    return Path(value) if value else SPECS_DIR
+
 
 DatasetKind = Literal["images", "tabular"]
 TrainBackend = Literal["local", "docker", "kubernetes"]
@@ -224,9 +234,9 @@ class MonitoringSpec:
     ``psi_bins``: bins of the PSI histograms, cut at quantiles of the reference.
     """
 
-    schedule: str = "@hourly"
-    window_hours: int = 24
-    label_delay_hours: int = 24
+    schedule: str | None = "@hourly"
+    window_hours: float = 24
+    label_delay_hours: float = 24
     min_predictions: int = 200
     min_labelled: int = 100
     psi_bins: int = 10
@@ -337,14 +347,14 @@ def _coerce_param(name: str, value: Any, default: Any) -> Any:
 
 def list_specs() -> list[str]:
     """Return the names of the specs shipped in ``include/specs``."""
-    return sorted(path.stem for path in SPECS_DIR.glob("*.yaml"))
+    return sorted(path.stem for path in specs_dir().glob("*.yaml"))
 
 
 def load_spec(name_or_path: str | Path) -> PipelineSpec:
     """Load a spec by name (a file in ``include/specs``) or by path to a YAML file."""
     path = Path(name_or_path)
     if path.suffix not in {".yaml", ".yml"}:
-        path = SPECS_DIR / f"{name_or_path}.yaml"
+        path = specs_dir() / f"{name_or_path}.yaml"
     if not path.is_file():
         raise SpecError(
             f"spec {str(name_or_path)!r} not found at {path}; available specs: "
@@ -440,8 +450,8 @@ def _parse_monitoring(raw: dict[str, Any]) -> MonitoringSpec:
     guardrails = GuardrailSpec(**(raw.pop("guardrails", None) or {}))
     monitoring = MonitoringSpec(**raw, thresholds=thresholds, guardrails=guardrails)
     rules = [
-        ("window_hours", monitoring.window_hours >= 1, "an integer of at least 1"),
-        ("label_delay_hours", monitoring.label_delay_hours >= 0, "an integer of at least 0"),
+        ("window_hours", monitoring.window_hours > 0, "a number of hours above 0"),
+        ("label_delay_hours", monitoring.label_delay_hours >= 0, "a number of hours, at least 0"),
         ("min_predictions", monitoring.min_predictions >= 1, "an integer of at least 1"),
         ("min_labelled", monitoring.min_labelled >= 1, "an integer of at least 1"),
         ("psi_bins", monitoring.psi_bins >= 2, "an integer of at least 2"),

@@ -188,8 +188,9 @@ def build_monitoring_dag(spec_name: str, dag_id: str, doc_md: str | None) -> DAG
     )
     def monitoring_dag() -> None:
         result = compute_monitoring()
-        materialize_feedback(result)
+        feedback = materialize_feedback(result)
         decision = decide_retraining(result)
-        request_retraining(decision)
+        # The retrain's ingest reads the feedback partitions, so they are written first.
+        feedback >> request_retraining(decision)
 
     return monitoring_dag()

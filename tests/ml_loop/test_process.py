@@ -43,9 +43,11 @@ def tabular():
     return dataclasses.replace(spec, dataset=dataclasses.replace(spec.dataset, columns=columns))
 
 
-def write_table(root: Path, spec, day: dt.date, table: pd.DataFrame) -> dict:
+def write_table(
+    root: Path, spec, day: dt.date, table: pd.DataFrame, source: str = "landing"
+) -> dict:
     """Write a validated table for ``day`` as the validate stage would; return its reference."""
-    raw_hash = hashlib.sha256(f"{spec.dataset.name}-{day}".encode()).hexdigest()
+    raw_hash = hashlib.sha256(f"{spec.dataset.name}-{day}-{source}".encode()).hexdigest()
     folder = root / "validated" / spec.dataset.name / day.isoformat() / f"{raw_hash}-suite"
     folder.mkdir(parents=True, exist_ok=True)
     table.to_parquet(folder / "table.parquet", index=False)
@@ -314,6 +316,15 @@ def test_repeated_date_rejected(data_root, tabular):
     ref = write_table(data_root, tabular, DAY, feature_table(["r-1"], ["benign"], [1.0]))
     with pytest.raises(DataValidationError, match="2026-12-04"):
         process_window(tabular, [ref, dict(ref)])
+
+
+def test_feedback_beside_regular_batch_of_a_day(data_root, tabular):
+    regular = write_table(data_root, tabular, DAY, feature_table(["r-1"], ["benign"], [1.0]))
+    feedback = write_table(
+        data_root, tabular, DAY, feature_table(["f-1"], ["benign"], [2.0]), source="feedback"
+    )
+    processed = process_window(tabular, [feedback, regular])
+    assert processed.rows == 2
 
 
 def test_missing_column_rejected(data_root, tabular):
