@@ -281,7 +281,7 @@ def run_main_job(stack: LocalStack, once: bool) -> int:
         serving_url=stack.config.serving_url(MAIN_SPEC),
     )
     failed = interrupted = False
-    with _StopOnSignal() as signals:
+    with StopOnSignal() as signals:
         try:
             stack.prepare()
             try:
@@ -289,7 +289,7 @@ def run_main_job(stack: LocalStack, once: bool) -> int:
                 result["elapsed_s"] = round(time.monotonic() - started, 1)
                 if not once:
                     print("Everything stays up; press Ctrl-C to stop.", flush=True)
-                    _watch(stack)
+                    watch_services(stack)
             finally:
                 signals.shield()
                 stack.stop()
@@ -391,7 +391,7 @@ def _report(stack: LocalStack, state: str, client: AirflowClient, run_id: str) -
     return report
 
 
-def _watch(stack: LocalStack) -> None:
+def watch_services(stack: LocalStack) -> None:
     """Block until Ctrl-C, SIGTERM or SIGHUP; raise StackError when a service exits meanwhile."""
     try:
         while True:
@@ -401,7 +401,7 @@ def _watch(stack: LocalStack) -> None:
         logger.info("stopping on %s", interrupt)
 
 
-class _StopOnSignal:
+class StopOnSignal:
     """Turn SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt, so each one stops the stack.
 
     SIGINT gets its handler explicitly, because a process that starts with SIGINT ignored (a
@@ -412,7 +412,7 @@ class _StopOnSignal:
 
     _signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def __enter__(self) -> _StopOnSignal:
+    def __enter__(self) -> StopOnSignal:
         self._previous = {sig: signal.signal(sig, self._interrupt) for sig in self._signals}
         return self
 

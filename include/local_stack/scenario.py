@@ -75,21 +75,21 @@ from local_stack.main_job import (
     RESULT_KEYS,
     RUN_TIMEOUT_ENV,
     MainJobError,
-    _StopOnSignal,
-    _watch,
+    StopOnSignal,
     champion_summary,
     describe_failure,
     start_training_run,
+    watch_services,
 )
 from local_stack.stack import LocalStack
 from local_stack.supervisor import StackError
 from ml_loop.drift import ScannerDrift
+from ml_loop.spec import SPECS_DIR_ENV
 
 logger = logging.getLogger(__name__)
 
 SCENARIO_NAME = "drift"
 STATE_SUBDIR = "scenario-drift"
-SPECS_DIR_ENV = "ML_LOOP_SPECS_DIR"
 SPECS_SUBDIR = "specs"
 MONITOR_DAG_ID = f"monitor_{MAIN_SPEC}"
 DAY_S_ENV = "ML_LOOP_SCENARIO_DAY_S"
@@ -602,7 +602,7 @@ def run_drift_scenario(stack: LocalStack, once: bool, day_s: float = DEFAULT_DAY
     outcomes: list[PhaseOutcome] = []
     retrains = 0
     failed = interrupted = False
-    with _StopOnSignal() as signals:
+    with StopOnSignal() as signals:
         try:
             stack.prepare()
             try:
@@ -610,7 +610,7 @@ def run_drift_scenario(stack: LocalStack, once: bool, day_s: float = DEFAULT_DAY
                 base["elapsed_s"] = round(time.monotonic() - started, 1)
                 if not once:
                     print("Everything stays up; press Ctrl-C to stop.", flush=True)
-                    _watch(stack)
+                    watch_services(stack)
             finally:
                 signals.shield()
                 stack.stop()
