@@ -20,6 +20,7 @@ a run the scheduler creates at startup finds today's partition.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -28,6 +29,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +262,79 @@ RESULT_KEYS = (
 )
 
 
+def new_result(stack: LocalStack) -> dict[str, Any]:
+    """Return the final JSON line's fields, with what is known before the job starts."""
+    result: dict[str, Any] = dict.fromkeys(RESULT_KEYS)
+    result.update(
+        dag_id=MAIN_DAG_ID,
+        alias=CHAMPION_ALIAS,
+        metrics={},
+        airflow_url=stack.config.airflow_url,
+        mlflow_url=stack.config.mlflow_url,
+        serving_url=stack.config.serving_url(MAIN_SPEC),
+    )
+    return result
+
+
+@dataclasses.dataclass
+class JobOutcome:
+    """How a job on the stack ended: after an error, after a signal, or neither."""
+
+    failed: bool = False
+    interrupted: bool = False
+
+
+def run_on_stack(
+    stack: LocalStack,
+    once: bool,
+    job: Callable[[], None],
+    result: dict[str, Any],
+    started: float,
+    errors: tuple[type[BaseException], ...] = (),
+) -> JobOutcome:
+    """Run ``job`` under the stack's lock, keep the stack up unless ``once``, then stop it.
+
+    ``result["state"]`` becomes ``interrupted`` or ``error`` when the job ended that way before
+    it set a state; ``result["elapsed_s"]`` is set when the job leaves it unset. The expected
+    errors (the stack's, the API client's, HTTP and timeouts, plus ``errors``) are logged, not
+    raised.
+    """
+    outcome = JobOutcome()
+    expected = (
+        StackError,
+        StackConfigError,
+        MainJobError,
+        AirflowApiError,
+        DagImportError,
+        TimeoutError,
+        httpx.HTTPError,
+        *errors,
+    )
+    with StopOnSignal() as signals:
+        try:
+            stack.prepare()
+            try:
+                job()
+                result["elapsed_s"] = round(time.monotonic() - started, 1)
+                if not once:
+                    print("Everything stays up; press Ctrl-C to stop.", flush=True)
+                    watch_services(stack)
+            finally:
+                signals.shield()
+                stack.stop()
+        except KeyboardInterrupt as interrupt:
+            logger.warning("stopped the stack on %s before the job finished", interrupt)
+            outcome.interrupted = True
+            result["state"] = result["state"] or "interrupted"
+        except expected as err:
+            logger.error("%s", err)
+            outcome.failed = True
+            result["state"] = result["state"] or "error"
+    if result["elapsed_s"] is None:
+        result["elapsed_s"] = round(time.monotonic() - started, 1)
+    return outcome
+
+
 def run_main_job(stack: LocalStack, once: bool) -> int:
     """Start the stack, land the data, run the training DAG once and report; return the exit code.
 
@@ -271,50 +346,12 @@ def run_main_job(stack: LocalStack, once: bool) -> int:
     phase, and 1 after any error, even after a successful run.
     """
     started = time.monotonic()
-    result: dict[str, Any] = dict.fromkeys(RESULT_KEYS)
-    result.update(
-        dag_id=MAIN_DAG_ID,
-        alias=CHAMPION_ALIAS,
-        metrics={},
-        airflow_url=stack.config.airflow_url,
-        mlflow_url=stack.config.mlflow_url,
-        serving_url=stack.config.serving_url(MAIN_SPEC),
-    )
-    failed = interrupted = False
-    with StopOnSignal() as signals:
-        try:
-            stack.prepare()
-            try:
-                _train_once(stack, result)
-                result["elapsed_s"] = round(time.monotonic() - started, 1)
-                if not once:
-                    print("Everything stays up; press Ctrl-C to stop.", flush=True)
-                    watch_services(stack)
-            finally:
-                signals.shield()
-                stack.stop()
-        except KeyboardInterrupt as interrupt:
-            logger.warning("stopped the stack on %s before the job finished", interrupt)
-            interrupted = True
-            result["state"] = result["state"] or "interrupted"
-        except (
-            StackError,
-            StackConfigError,
-            MainJobError,
-            AirflowApiError,
-            DagImportError,
-            TimeoutError,
-            httpx.HTTPError,
-        ) as err:
-            logger.error("%s", err)
-            failed = True
-            result["state"] = result["state"] or "error"
-    if result["elapsed_s"] is None:
-        result["elapsed_s"] = round(time.monotonic() - started, 1)
+    result = new_result(stack)
+    outcome = run_on_stack(stack, once, lambda: _train_once(stack, result), result, started)
     print(json.dumps(result), flush=True)
-    if interrupted:
+    if outcome.interrupted:
         return INTERRUPTED_EXIT_CODE
-    return 0 if result["state"] == "success" and not failed else 1
+    return 0 if result["state"] == "success" and not outcome.failed else 1
 
 
 def _train_once(stack: LocalStack, result: dict[str, Any]) -> None:

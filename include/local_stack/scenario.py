@@ -62,27 +62,26 @@ from typing import Any
 
 import httpx
 
-from local_stack.client import AirflowApiError, AirflowClient, DagImportError
+from local_stack.client import AirflowClient
 from local_stack.config import CHAMPION_ALIAS, StackConfig, StackConfigError
 from local_stack.main_job import (
     DAG_PARSE_TIMEOUT_S,
     DEFAULT_RUN_TIMEOUT_S,
     HTTP_TIMEOUT_S,
+    INTERRUPTED_EXIT_CODE,
     LANDING_TIMEOUT_S,
     MAIN_DAG_ID,
     MAIN_SPEC,
     PREDICT_PATH,
     RESULT_KEYS,
     RUN_TIMEOUT_ENV,
-    MainJobError,
-    StopOnSignal,
     champion_summary,
     describe_failure,
+    new_result,
+    run_on_stack,
     start_training_run,
-    watch_services,
 )
 from local_stack.stack import LocalStack
-from local_stack.supervisor import StackError
 from ml_loop.drift import ScannerDrift
 from ml_loop.spec import SPECS_DIR_ENV
 
@@ -589,56 +588,21 @@ def run_drift_scenario(stack: LocalStack, once: bool, day_s: float = DEFAULT_DAY
     the scenario, and 1 otherwise. Without ``once`` everything stays up until Ctrl-C.
     """
     started = time.monotonic()
-    config = stack.config
-    base: dict[str, Any] = dict.fromkeys(RESULT_KEYS)
-    base.update(
-        dag_id=MAIN_DAG_ID,
-        alias=CHAMPION_ALIAS,
-        metrics={},
-        airflow_url=config.airflow_url,
-        mlflow_url=config.mlflow_url,
-        serving_url=config.serving_url(MAIN_SPEC),
-    )
+    base = new_result(stack)
     outcomes: list[PhaseOutcome] = []
     retrains = 0
-    failed = interrupted = False
-    with StopOnSignal() as signals:
-        try:
-            stack.prepare()
-            try:
-                retrains = _run(stack, day_s, base, outcomes)
-                base["elapsed_s"] = round(time.monotonic() - started, 1)
-                if not once:
-                    print("Everything stays up; press Ctrl-C to stop.", flush=True)
-                    watch_services(stack)
-            finally:
-                signals.shield()
-                stack.stop()
-        except KeyboardInterrupt as interrupt:
-            logger.warning("stopped the stack on %s before the scenario finished", interrupt)
-            interrupted = True
-            base["state"] = base["state"] or "interrupted"
-        except (
-            StackError,
-            StackConfigError,
-            MainJobError,
-            ScenarioError,
-            AirflowApiError,
-            DagImportError,
-            TimeoutError,
-            httpx.HTTPError,
-        ) as err:
-            logger.error("%s", err)
-            failed = True
-            base["state"] = base["state"] or "error"
-    if base["elapsed_s"] is None:
-        base["elapsed_s"] = round(time.monotonic() - started, 1)
-    result = build_result(base, outcomes, retrains, config.state_dir)
+
+    def play() -> None:
+        nonlocal retrains
+        retrains = _run(stack, day_s, base, outcomes)
+
+    outcome = run_on_stack(stack, once, play, base, started, errors=(ScenarioError,))
+    result = build_result(base, outcomes, retrains, stack.config.state_dir)
     print(json.dumps(result), flush=True)
-    if interrupted:
-        return 130
+    if outcome.interrupted:
+        return INTERRUPTED_EXIT_CODE
     passed = result["state"] == "success" and all(result["checks"].values())
-    return 0 if passed and not failed else 1
+    return 0 if passed and not outcome.failed else 1
 
 
 def _run(stack: LocalStack, day_s: float, base: dict[str, Any], outcomes: list) -> int:
