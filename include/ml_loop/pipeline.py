@@ -120,7 +120,7 @@ def deploy_step(
     serving_url: str,
     serving_token: str | None = None,
 ) -> Ref:
-    """Serve a promoted candidate, or run the canary of one that is still ``challenger``."""
+    """Serve a promoted candidate, or run the canary of a candidate that is still ``challenger``."""
     from ml_loop.deploy import canary_deploy, deploy_champion
 
     if not registration["promoted"]:

@@ -147,7 +147,7 @@ class KubernetesComputeSpec:
     namespace: str = "ml-loop"
     service_account: str = "ml-loop-train"
     image_pull_policy: str = "IfNotPresent"
-    # PersistentVolumeClaim that holds the data root, mounted at data_mount_path in the pod.
+    # PersistentVolumeClaim that contains the data root, mounted at data_mount_path in the pod.
     data_pvc: str = "ml-loop-data"
     data_mount_path: str = "/data"
     # Kubernetes Secret whose keys become the pod's MLflow credentials (env from secret).

@@ -1,4 +1,4 @@
-"""What the training and monitoring tasks read from their Airflow context and connections."""
+"""Helpers for the Airflow context and connections that the training and monitoring tasks read."""
 
 from __future__ import annotations
 
