@@ -22,7 +22,12 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from ml_loop.spec import PipelineSpec, load_spec
 from ml_loop_airflow.assets import retrain_asset
-from ml_loop_airflow.task_context import airflow_tags, serving_connection, serving_connection_id
+from ml_loop_airflow.task_context import (
+    airflow_tags,
+    dag_arguments,
+    serving_connection,
+    serving_connection_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -175,16 +180,9 @@ def build_monitoring_dag(spec_name: str, dag_id: str, doc_md: str | None) -> DAG
         description=f"Monitor {spec.model_name}: drift, live accuracy and retrain requests.",
         doc_md=doc_md,
         schedule=spec.monitoring.schedule,
-        start_date=dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
-        catchup=False,
-        max_active_runs=1,
         tags=["ml_loop", "monitoring", spec.name, spec.dataset.kind],
         params=params,
-        default_args={
-            "retries": 2,
-            "retry_delay": dt.timedelta(seconds=15),
-            "execution_timeout": dt.timedelta(minutes=30),
-        },
+        **dag_arguments(spec, execution_timeout=dt.timedelta(minutes=30)),
     )
     def monitoring_dag() -> None:
         result = compute_monitoring()

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from ml_loop.spec import PipelineSpec
 
 SERVING_CONN_PREFIX = "model_server_"
+RETRIES = 2
+RETRY_DELAY = dt.timedelta(seconds=15)
+
+
+def dag_arguments(spec: PipelineSpec, execution_timeout: dt.timedelta) -> dict[str, Any]:
+    """Return the ``dag`` arguments that the spec's training and monitoring DAGs share.
+
+    A static start date from the spec, no catchup, one active run at a time, and retries on
+    every task.
+    """
+    return {
+        "start_date": dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
+        "catchup": False,
+        "max_active_runs": 1,
+        "default_args": {
+            "retries": RETRIES,
+            "retry_delay": RETRY_DELAY,
+            "execution_timeout": execution_timeout,
+        },
+    }
 
 
 def airflow_tags(context: dict[str, Any]) -> dict[str, str]:

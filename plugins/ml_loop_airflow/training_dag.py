@@ -19,7 +19,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from ml_loop.spec import TRAIN_BACKENDS, PipelineSpec, RunConfig, load_spec
 from ml_loop_airflow.assets import retrain_note, retrain_reason, set_run_note, training_schedule
-from ml_loop_airflow.task_context import airflow_tags, serving_connection
+from ml_loop_airflow.task_context import airflow_tags, dag_arguments, serving_connection
 from ml_loop_airflow.train_operator import BACKEND_PARAM, TrainOperator
 
 logger = logging.getLogger(__name__)
@@ -256,16 +256,9 @@ def build_training_dag(spec_name: str, dag_id: str, doc_md: str | None) -> DAG:
         description=spec.description,
         doc_md=doc_md,
         schedule=training_schedule(spec),
-        start_date=dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
-        catchup=False,
-        max_active_runs=1,
         tags=["ml_loop", "training", spec.name, spec.dataset.kind],
         params=params,
-        default_args={
-            "retries": 2,
-            "retry_delay": dt.timedelta(seconds=15),
-            "execution_timeout": dt.timedelta(hours=2),
-        },
+        **dag_arguments(spec, execution_timeout=dt.timedelta(hours=2)),
     )
     def training_dag() -> None:
         ingested = ingest()
