@@ -26,7 +26,6 @@ import csv
 import dataclasses
 import datetime as dt
 import fcntl
-import hashlib
 import io
 import json
 import logging
@@ -41,7 +40,7 @@ import numpy as np
 
 from ml_loop.files import data_root, remove_stale_staging, staged_dir, write_json_atomic
 from ml_loop.ingest import FEEDBACK_SOURCE, feedback_landing_dir
-from ml_loop.landing import CSV_FILE, MANIFEST_FILE, as_partition_date
+from ml_loop.landing import CSV_FILE, MANIFEST_FILE, as_partition_date, build_manifest
 from ml_loop.spec import PipelineSpec
 
 logger = logging.getLogger(__name__)
@@ -397,20 +396,8 @@ def materialize_feedback(
     joined.sort(key=lambda pair: str(pair[0]["id"]))
 
     payloads = _encode(spec, joined)
-    class_counts = dict.fromkeys(spec.dataset.classes, 0)
-    for _, label in joined:
-        class_counts[label] += 1
-    manifest = {
-        "dataset": dataset,
-        "partition_date": date.isoformat(),
-        "record_count": len(joined),
-        "files": [
-            {"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            for path, data in payloads.items()
-        ],
-        "class_counts": class_counts,
-        "source": FEEDBACK_SOURCE,
-    }
+    manifest = build_manifest(spec, date, [label for _, label in joined], FEEDBACK_SOURCE, payloads)
+    class_counts = manifest["class_counts"]
     result = dataclasses.replace(result, record_count=len(joined), class_counts=class_counts)
     remove_stale_staging(final.parent)
     set_aside = None

@@ -150,7 +150,7 @@ def land_partition(
 
     batch = records.take(select_for_date(records.ids, date, spec.dataset.landing_days))
     payloads = _encode_batch(spec, batch)
-    manifest = _build_manifest(spec, date, batch, payloads)
+    manifest = build_manifest(spec, date, batch.labels, batch.source, payloads)
     result = LandingResult(
         dataset=spec.dataset.name,
         partition_date=date.isoformat(),
@@ -259,22 +259,27 @@ def _encode_csv(spec: PipelineSpec, batch: SourceRecords) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def _build_manifest(
-    spec: PipelineSpec, date: dt.date, batch: SourceRecords, payloads: dict[str, bytes]
+def build_manifest(
+    spec: PipelineSpec,
+    date: dt.date,
+    labels: Sequence[str],
+    source: str,
+    payloads: dict[str, bytes],
 ) -> dict[str, Any]:
+    """Return the ``_manifest.json`` content of a partition: counts, files and their SHA-256."""
     class_counts = dict.fromkeys(spec.dataset.classes, 0)
-    for label in batch.labels:
+    for label in labels:
         class_counts[label] += 1
     return {
         "dataset": spec.dataset.name,
         "partition_date": date.isoformat(),
-        "record_count": len(batch),
+        "record_count": len(labels),
         "files": [
             {"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             for path, data in payloads.items()
         ],
         "class_counts": class_counts,
-        "source": batch.source,
+        "source": source,
     }
 
 
