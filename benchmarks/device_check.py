@@ -21,7 +21,7 @@ The default run is 10 epochs of 20 steps (batch size 250) per loop, after one wa
 each, which is estimated to take well under a minute on a data-centre GPU (the check has not
 run on one yet). ``--device cpu`` runs the same code
 on the CPU as a smoke test, and the output then states that no GPU was measured. With
-``--device cuda`` on a machine where torch sees no GPU, the script exits with status 1 and the
+``--device cuda`` on a machine where torch finds no GPU, the script exits with status 1 and the
 "no GPU visible" message of ``ml_loop.devices.check_gpus``.
 """
 

@@ -4,7 +4,7 @@ Run it once from the repository root, before the first ``docker compose up``::
 
     python3 include/compose/init-env.py          # or: make compose-env
 
-It prints the Airflow login once. An existing file is never changed: the script then says so and
+It prints the Airflow login once. An existing file is never changed: the script then prints that and
 exits 0, so it is safe to run before every start. The file is created with mode 0600 and appears
 complete or not at all. Only the standard library is used, so any Python 3.9+ runs it.
 

@@ -278,7 +278,7 @@ def new_result(stack: LocalStack) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class JobOutcome:
-    """How a job on the stack ended: after an error, after a signal, or neither."""
+    """Outcome of a job on the stack: ended by an error, by a signal, or neither."""
 
     failed: bool = False
     interrupted: bool = False

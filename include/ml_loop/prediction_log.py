@@ -20,7 +20,7 @@ Record schema (one JSON object per line, keys always present):
 - ``row`` (int): position of the row in its request, from 0.
 - ``time`` (str): UTC time the prediction was made, ISO 8601 with microseconds and ``+00:00``.
 - ``model_name`` (str), ``model_version`` (str): the registered version that predicted.
-- ``variant`` (str): ``champion`` or ``challenger``, the alias whose model answered.
+- ``variant`` (str): ``champion`` or ``challenger``, the alias whose model made the prediction.
 - ``prediction`` (str): the predicted class label.
 - ``confidence`` (float): the probability of the predicted class.
 - ``probabilities`` (list[float]): the probability of every class, in the model's class order.

@@ -167,7 +167,7 @@ class ComputeSpec:
 
     ``gpus`` is 0 for CPU, N for N GPUs (more than one runs under torchrun with DDP) or -1 for
     every GPU of the Docker host. ``gpu_pool`` is the Airflow pool whose slots are GPUs: a train
-    task that asks for GPUs takes ``gpus`` slots of it.
+    task that requests GPUs takes ``gpus`` slots of it.
     """
 
     backend: TrainBackend = "local"
@@ -222,7 +222,7 @@ class GuardrailSpec:
 
 @dataclasses.dataclass(frozen=True)
 class MonitoringSpec:
-    """How the monitoring DAG watches the served champion and when it asks for a retrain.
+    """How the monitoring DAG watches the served champion and when it requests a retrain.
 
     ``schedule``: the monitoring DAG's schedule (a cron expression or preset).
     ``window_hours``: hours of predictions, ending at the run's time, compared with the
@@ -250,7 +250,7 @@ class DeploySpec:
 
     With ``canary_share`` 0 the candidate becomes ``champion`` at once. Above 0, and when a
     champion exists, the candidate stays ``challenger`` and the model server sends it this share
-    of live traffic until it has answered ``canary_min_requests`` requests (or
+    of live traffic until it has served ``canary_min_requests`` requests (or
     ``canary_timeout_s`` passes); it is promoted when its error rate is at most
     ``canary_max_error_rate_increase`` above the champion's, and rolled back otherwise.
     """
@@ -282,7 +282,7 @@ class PipelineSpec:
     def digest(self) -> str:
         """Return a short SHA-256 of the spec's content, logged with every run.
 
-        The ``compute`` section is left out: it says where training runs, not what it computes,
+        The ``compute`` section is left out: it describes where training runs, not what it computes,
         so switching backends keeps the train key and a retry on another backend resumes from
         the same checkpoint. The ``monitoring`` and ``deploy`` sections are left out for the
         same reason: they say when to retrain and how to roll out, not what training computes.

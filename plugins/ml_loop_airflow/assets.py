@@ -1,7 +1,7 @@
 """The retrain request asset, and the training DAG's side of it.
 
 The monitoring DAG emits an event on ``retrain_asset(spec)`` when it requests a retrain; the
-event's extra holds the reason, the numbers behind it, the window and the model version. The
+event's extra contains the reason, the numbers behind it, the window and the model version. The
 training DAG runs on its cron schedule and also on every such event
 (``training_schedule``), and its first task reads the reason back with ``retrain_reason``.
 """
@@ -83,7 +83,7 @@ def retrain_tags(reason: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 def retrain_note(reason: Mapping[str, Any]) -> str:
-    """Return a short Markdown run note that says why monitoring requested this run."""
+    """Return a short Markdown run note that explains why monitoring requested this run."""
     lines = [
         f"**Retrain requested by monitoring** ({reason.get('source_dag_id')}, "
         f"run {reason.get('source_run_id')})",
@@ -112,7 +112,7 @@ def set_run_note(
     API (``PATCH /api/v2/dags/{dag_id}/dagRuns/{run_id}?update_mask=note``) with a token from
     ``POST /auth/token``. The Airflow connection ``conn_id`` gives the API server's address
     (host, port, schema http or https) and a user's login and password. Without the connection
-    the note is not set and a WARNING says how to add it; API errors are raised.
+    the note is not set and a WARNING explains how to add it; API errors are raised.
     """
     import httpx
     from airflow.sdk import Connection

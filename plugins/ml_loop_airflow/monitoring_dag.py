@@ -60,7 +60,7 @@ def window_end(context: dict[str, Any]) -> dt.datetime:
 def read_server_errors(spec: PipelineSpec) -> dict[str, float] | None:
     """Return request and error counts from the model server's ``/metrics``, or None.
 
-    None when the connection ``model_server_<spec>`` is missing, the server does not answer, or
+    None when the connection ``model_server_<spec>`` is missing, the server does not respond, or
     its page has no request counter with a status label; the reason is logged.
     """
     import httpx

@@ -282,7 +282,7 @@ def test_ingest_window_reads_feedback_before_regular(data_root, cancer, cancer_r
     ]
 
 
-def test_ingest_window_feedback_alone_does_not_count_as_run_date(data_root, cancer, cancer_records):
+def test_ingest_window_feedback_not_run_date(data_root, cancer, cancer_records):
     land_feedback(data_root, cancer, cancer_records, DAY)
     with pytest.raises(PartitionNotFoundError, match="2026-12-04"):
         ingest_window(cancer, DAY, 1)

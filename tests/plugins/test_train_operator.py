@@ -675,7 +675,7 @@ def test_docker_retry_removes_leftover(
     operator = make_operator(write_spec(data_root), write_snapshot(data_root))
     context = make_context({"train_backend": "docker"}, try_number=2)
     name = container_name(DAG_ID, context["run_id"], "train")
-    # The container of a try whose worker was lost: still running, nobody removed it.
+    # The container of a try whose worker was lost: still running and never removed.
     leftover = docker_engine.containers.run(
         docker_run, ["sleep", "600"], name=name, detach=True, labels=TEST_LABELS
     )
