@@ -119,6 +119,8 @@ def ingest(**context: Any) -> dict[str, Any]:
     A run started by a retrain request logs the request's reason and writes it into the run's
     note.
     """
+    import httpx
+
     from ml_loop.ingest import resolve_partition_date
     from ml_loop.pipeline import ingest_step
 
@@ -131,7 +133,12 @@ def ingest(**context: Any) -> dict[str, Any]:
             reason.get("source_dag_id"),
             reason.get("reason"),
         )
-        set_run_note(context, retrain_note(reason))
+        try:
+            set_run_note(context, retrain_note(reason))
+        except httpx.HTTPError as err:
+            # The note only repeats the reason, which the MLflow run's tags also record, so a
+            # failed API call must not fail the retrain.
+            logger.warning("run note of %s not set: %s", context["run_id"], err)
     run_date = resolve_partition_date(context.get("logical_date"), context["dag_run"].run_after)
     logger.info(
         "ingesting %s for %s, window %d days, spec digest %s",
